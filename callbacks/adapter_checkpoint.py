@@ -1,0 +1,108 @@
+"""AdapterCheckpoint: the trained LoRA adapter in standard PEFT layout, every N steps, kept last-K and best-K.
+
+Each checkpoint is a folder that `PeftModel.from_pretrained(base, folder)` and vLLM's `LoRARequest` load directly:
+adapter_model.safetensors, adapter_config.json, the tokenizer, and lightning_tina.json (step, metrics, run config).
+It is written under a temporary name and renamed, so a crash never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
+
+META_FILE = "lightning_tina.json"
+
+
+class AdapterCheckpoint(Checkpoint):
+    """Save the adapter every `every_n_steps` optimizer steps and at the end of fit.
+
+    A Checkpoint subclass, so Lightning runs it after the other callbacks (a fresh benchmark score can be monitored).
+
+    Args:
+        dirpath: folder for the checkpoints; None puts them in the logger's run folder under `adapters/`.
+        every_n_steps: save period in optimizer steps (0: only at the end).
+        keep_last: keep this many most recent checkpoints (0 keeps all).
+        monitor: a logged metric (e.g. "bench/aime24/pass@1") to keep the best checkpoints by; None: no best-K.
+        mode: "max" or "min" for `monitor`.
+        keep_best: keep this many best checkpoints by `monitor`, besides the last ones.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        every_n_steps: int = 50,
+        keep_last: int = 3,
+        monitor: str | None = None,
+        mode: str = "max",
+        keep_best: int = 1,
+    ) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"AdapterCheckpoint mode must be 'max' or 'min', got {mode!r}")
+        self.dirpath = dirpath
+        self.every_n_steps = every_n_steps
+        self.keep_last = keep_last
+        self.monitor = monitor
+        self.mode = mode
+        self.keep_best = keep_best
+        self.saved: list[tuple[int, float | None]] = []  # (step, monitored value) of every checkpoint on disk
+
+    def _root(self, trainer: L.Trainer) -> Path:
+        if self.dirpath:
+            return Path(self.dirpath)
+        base = trainer.logger.log_dir if trainer.logger and trainer.logger.log_dir else trainer.default_root_dir
+        return Path(base) / "adapters"
+
+    def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        """Write the adapter of the current step; returns its folder."""
+        step = trainer.global_step
+        root = self._root(trainer)
+        final = root / f"step-{step:06d}"
+        tmp = root / f".step-{step:06d}.tmp"
+        if trainer.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            pl_module.policy.save_pretrained(tmp)
+            pl_module.tokenizer.save_pretrained(tmp)
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+            meta = {"step": step, "base_model": pl_module.model_name, "metrics": metrics, "config": dict(pl_module.hparams)}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            value = metrics.get(self.monitor) if self.monitor else None
+            self.saved = [s for s in self.saved if s[0] != step] + [(step, value)]
+            self._prune(root)
+        trainer.strategy.barrier()
+        return final
+
+    def _prune(self, root: Path) -> None:
+        keep = {s for s, _ in self.saved[-self.keep_last :]} if self.keep_last else {s for s, _ in self.saved}
+        if self.monitor:
+            scored = [(s, v) for s, v in self.saved if v is not None and not math.isnan(v)]
+            scored.sort(key=lambda sv: sv[1], reverse=self.mode == "max")
+            keep |= {s for s, _ in scored[: self.keep_best]}
+        for step, _ in list(self.saved):
+            if step not in keep:
+                shutil.rmtree(root / f"step-{step:06d}", ignore_errors=True)
+        self.saved = [sv for sv in self.saved if sv[0] in keep]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.save(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.saved or self.saved[-1][0] != trainer.global_step:
+            self.save(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"saved": self.saved}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.saved = [tuple(s) for s in state_dict.get("saved", [])]

@@ -1,0 +1,113 @@
+"""RolloutCallback: owns the rollout engine, keeps it in sync with the policy, and times generation."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+import lightning as L
+import torch
+
+from lightning_tina.rollout import EngineName, RolloutEngine, VLLMConfig, make_engine
+from lightning_tina.rollout.base import SamplingConfig
+from lightning_tina.rollout.batch import make_rollouts
+from lightning_tina.types import Generation, PromptBatch, Rollouts
+
+
+class RolloutCallback(L.Callback):
+    """Samples the training rollouts of each step from the current policy.
+
+    Args:
+        engine: "hf" (generate on the live policy), "vllm" (colocated vLLM serving the adapter), or "auto"
+            (vLLM when installed, else HF with a notice).
+        sampling: how training completions are sampled; its temperature is linked to model.grpo.temperature.
+        num_generations: G, completions per prompt; linked from model.grpo.num_generations by the CLI.
+        vllm: settings of the vLLM engine (memory, parallelism, KV cache; see VLLMConfig).
+    """
+
+    def __init__(
+        self,
+        engine: EngineName = "auto",
+        sampling: SamplingConfig = SamplingConfig(),
+        num_generations: int = 8,
+        vllm: VLLMConfig = VLLMConfig(),
+    ) -> None:
+        self.engine_name = engine
+        self.sampling = replace(sampling)  # a copy: defaults are shared instances
+        self.num_generations = num_generations
+        self.vllm = replace(vllm)
+        self.engine: RolloutEngine | None = None
+        self._synced_version = -1
+        self._perf: dict[str, float] = {}
+        self._step_start: float | None = None
+
+    # The module finds its engine through this registration.
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.rollout = self
+        grpo = getattr(pl_module, "grpo", None)
+        if grpo is not None:
+            if grpo.num_generations != self.num_generations:
+                raise ValueError(
+                    f"rollout.num_generations={self.num_generations} differs from model.grpo.num_generations="
+                    f"{grpo.num_generations}; set it once in model.grpo (the CLI links the two)"
+                )
+            if abs(grpo.temperature - self.sampling.temperature) > 1e-9:
+                raise ValueError(
+                    f"model.grpo.temperature={grpo.temperature} differs from rollout.sampling.temperature="
+                    f"{self.sampling.temperature}: log-probs would be computed for another distribution"
+                )
+
+    def current_engine(self, pl_module: L.LightningModule) -> RolloutEngine:
+        """The engine, created on first use and synced to the policy's current version."""
+        if self.engine is None:
+            self.engine = make_engine(
+                self.engine_name,
+                model_name=pl_module.model_name,
+                policy=pl_module._require_policy(),
+                tokenizer=pl_module.tokenizer,
+                dtype=pl_module.dtype_name,
+                lora_rank=pl_module.lora.r,
+                vllm=self.vllm,
+            )
+        if self._synced_version != pl_module.policy_version:
+            t0 = time.perf_counter()
+            self.engine.sync(pl_module.policy, pl_module.policy_version)
+            self._perf["perf/sync_s"] = time.perf_counter() - t0
+            self._synced_version = pl_module.policy_version
+        return self.engine
+
+    def sample(
+        self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig, pl_module: L.LightningModule
+    ) -> list[Generation]:
+        """n completions per prompt from the current policy (group-major)."""
+        return self.current_engine(pl_module).generate(prompt_ids, n, sampling)
+
+    def rollouts_for(self, batch: PromptBatch, pl_module: L.LightningModule) -> Rollouts:
+        """The training rollouts of one step: G completions for each prompt of the batch, padded."""
+        t0 = time.perf_counter()
+        gens = self.sample(batch.prompt_ids, self.num_generations, self.sampling, pl_module)
+        dt = time.perf_counter() - t0
+        tokens = sum(len(g.token_ids) for g in gens)
+        self._perf["perf/rollout_tokens_per_s"] = tokens / max(dt, 1e-9)
+        return make_rollouts(batch, gens, self.num_generations, pl_module.tokenizer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._step_start is not None:
+            self._perf["perf/step_s"] = now - self._step_start
+        self._step_start = now
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._perf:
+            pl_module.log_dict({k: torch.tensor(v) for k, v in self._perf.items()}, on_step=True)
+            self._perf.pop("perf/sync_s", None)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+            self._synced_version = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampling": asdict(self.sampling), "engine": self.engine_name}

@@ -1,0 +1,330 @@
+"""Turn one raw dataset row into the row GRPO trains on: {"problem", "solution", ...extras}.
+
+`solution` is the gold answer that the accuracy reward checks, as a math string: a bare final answer is wrapped in
+$...$ as Tina does (`f"${answer}$"`), so that math-verify reads it as LaTeX. Worked solutions are kept aside in
+`solution_archive`. Rules, after the entry's column mapping is applied:
+
+- problem: the column mapped to "problem", else the first of the entry's aliases (problem, question, prompt);
+- gold: the "answer" column if present (a worked "solution" then goes to solution_archive); else the "solution"
+  column: its last \\boxed{...} if it has one (the full text goes to solution_archive), or the whole value when it
+  is a short one-line answer;
+- l1 variants add `target_length`, drawn uniformly from the entry's range with the caller's RNG.
+
+A row that breaks a rule raises RowError, which names the dataset, row, column and the mapping that fixes it; a
+caller streaming rows catches it, counts it by `kind`, and moves on.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from lightning_tina.data_sources.registry import DatasetEntry
+
+RowErrorKind = Literal["missing_column", "empty", "bad_value", "unparseable"]
+ParseStatus = Literal["sympy", "string", "none"]
+
+_PROBLEM_HINTS = ("question", "prompt", "problem", "query", "input", "instruction", "context", "text")
+_ANSWER_HINTS = (
+    "answer",
+    "final",
+    "final_answer",
+    "ground_truth",
+    "gold",
+    "target",
+    "expected_answer",
+    "label",
+    "result",
+)
+_MATH_DELIMITERS = (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+_BARE_ANSWER_MAX_CHARS = (
+    200  # longer (or multi-line) text without \boxed{} is a worked solution, not an answer
+)
+
+
+class RowError(ValueError):
+    """A row that cannot be normalized. Catch it to skip and count bad rows (`kind` says why)."""
+
+    def __init__(
+        self,
+        entry: DatasetEntry,
+        index: int | None,
+        column: str,
+        kind: RowErrorKind,
+        reason: str,
+        fix: str,
+        row_columns: Sequence[str] = (),
+    ) -> None:
+        self.dataset = entry.name
+        self.index = index
+        self.column = column
+        self.kind: RowErrorKind = kind
+        self.reason = reason
+        self.fix = fix
+        self.row_columns = list(row_columns)
+        where = f"row {index}" if index is not None else "a row"
+        has = f" The row has columns {self.row_columns}." if self.row_columns else ""
+        super().__init__(f"dataset {entry.describe()}, {where}, column {column!r}: {reason}.{has} Fix: {fix}")
+
+
+class DataValidationError(ValueError):
+    """The start-up check failed: the first rows of a dataset do not normalize."""
+
+    def __init__(self, message: str, errors: list[RowError]) -> None:
+        super().__init__(message)
+        self.errors = errors
+
+
+def row_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """A per-row RNG that depends only on (seed, epoch, stream position), so a resumed run redraws the same l1
+    target lengths. (String seeds are hashed with SHA-512 by `random`, independent of PYTHONHASHSEED.)"""
+    return random.Random(f"{seed}/{epoch}/{index}")
+
+
+def get_path(row: dict[str, Any], path: str) -> Any:
+    """The value at `path` in a row: a column name, or dot-separated keys/indices into nested values, where a
+    JSON string along the way is decoded ("verification_info.answer.value"). Raises KeyError when absent."""
+    if path in row:
+        return row[path]
+    value: Any = row
+    for depth, part in enumerate(path.split(".")):
+        if isinstance(value, str) and depth > 0 and value.lstrip()[:1] in ("{", "["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise KeyError(
+                    f"{'.'.join(path.split('.')[:depth])!r} is not valid JSON ({err.msg})"
+                ) from None
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif (
+            isinstance(value, (list, tuple))
+            and part.lstrip("-").isdigit()
+            and -len(value) <= int(part) < len(value)
+        ):
+            value = value[int(part)]
+        else:
+            raise KeyError(f"{part!r} not found under {'.'.join(path.split('.')[:depth]) or 'the row'!r}")
+    return value
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}) in `text`, braces matched; None if there is none."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None  # unbalanced braces
+
+
+def wrap_math(answer: str) -> str:
+    """Tina's gold format: a bare answer wrapped in $...$ (left alone when already math-delimited)."""
+    answer = answer.strip()
+    if any(
+        answer.startswith(a) and answer.endswith(b) and len(answer) > len(a) + len(b)
+        for a, b in _MATH_DELIMITERS
+    ):
+        return answer
+    return f"${answer}$"
+
+
+def answer_parse_status(solution: str) -> ParseStatus:
+    """How math-verify reads a gold, called as Tina's accuracy reward calls it (`parse(sol, first_match)`):
+    "sympy" (an expression), "string" (only a string fallback; verify then compares strings) or "none"
+    (nothing extracted: Tina's reward is None for every completion, so the row cannot teach anything)."""
+    from math_verify import parse  # heavy import (sympy), only when needed
+
+    in_main = threading.current_thread() is threading.main_thread()  # math-verify's timeout uses signal.alarm
+    parsed = parse(solution, extraction_mode="first_match", parsing_timeout=5 if in_main else None)
+    if not parsed:
+        return "none"
+    return "string" if all(isinstance(p, str) for p in parsed) else "sympy"
+
+
+def _suggest(row: dict[str, Any], hints: Sequence[str], target: str, taken: set[str]) -> str:
+    """The mapping most likely to fix a missing column: a column with a telling name, the chat messages, or the
+    only column left; else a placeholder."""
+    free = [c for c in row if c not in taken]
+    named = [c for c in free if c.lower().replace(" ", "_") in hints]
+    if named:
+        return f"add `columns: {{{named[0]}: {target}}}` to this data source"
+    if target == "problem" and isinstance(row.get("messages"), list):
+        return "add `columns: {messages.0.content: problem}` to this data source"
+    if len(free) == 1:
+        return f"add `columns: {{{free[0]}: {target}}}` to this data source"
+    return f"add `columns: {{<your {target} column>: {target}}}` to this data source"
+
+
+def _as_text(
+    entry: DatasetEntry, value: Any, index: int | None, column: str, what: str, row: dict[str, Any]
+) -> str:
+    if value is None:
+        value = ""  # a null cell is an empty value, not a type error
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        hint = (
+            f"map one element, e.g. `columns: {{{column}.0: {what}}}`"
+            if isinstance(value, list)
+            else (f"map a column that holds the {what} as text")
+        )
+        raise RowError(
+            entry, index, column, "bad_value", f"the {what} is a {type(value).__name__}", hint, list(row)
+        )
+    text = value if isinstance(value, str) else str(value)
+    if not text.strip():
+        raise RowError(
+            entry,
+            index,
+            column,
+            "empty",
+            f"the {what} is empty",
+            f"drop the row or map another column to `{what}`",
+            list(row),
+        )
+    return text
+
+
+def normalize(
+    entry: DatasetEntry,
+    raw_row: dict[str, Any],
+    *,
+    rng: random.Random | None = None,
+    index: int | None = None,
+    check_answer: bool = True,
+) -> dict[str, Any]:
+    """Normalize one raw row to {"problem", "solution", ...extras} (see the module docstring for the rules).
+
+    `index` is the row's position in the stream, used in error messages. `rng` draws l1 target lengths (pass
+    `row_rng(seed, epoch, index)` so that resumed runs redraw the same ones). `check_answer` runs math-verify on
+    the gold (a few milliseconds per row). Raises RowError.
+    """
+    cols = list(raw_row)
+    canon = dict(raw_row)
+    source_of: dict[str, str] = {}  # our column -> the source column/path it came from
+    for src, dst in entry.columns.items():
+        try:
+            canon[dst] = get_path(raw_row, src)
+        except KeyError as err:
+            raise RowError(
+                entry,
+                index,
+                src,
+                "missing_column",
+                f"the mapped source is missing ({err.args[0]})",
+                f"correct or remove the mapping `{src}: {dst}`",
+                cols,
+            ) from None
+        source_of[dst] = src
+    for dst, src in source_of.items():  # a renamed column is not also read under its old name
+        if src != dst and src in canon and src not in source_of:
+            del canon[src]
+
+    problem_col = (
+        "problem" if "problem" in source_of else next((a for a in entry.problem_aliases if a in canon), None)
+    )
+    if problem_col is None:
+        fix = _suggest(raw_row, _PROBLEM_HINTS, "problem", set(source_of.values()))
+        raise RowError(
+            entry,
+            index,
+            "problem",
+            "missing_column",
+            f"no problem column (looked for {list(entry.problem_aliases)})",
+            fix,
+            cols,
+        )
+    label = source_of.get(problem_col, problem_col)
+    out: dict[str, Any] = {"problem": _as_text(entry, canon[problem_col], index, label, "problem", raw_row)}
+
+    if "answer" in canon:
+        label = source_of.get("answer", "answer")
+        out["solution"] = wrap_math(_as_text(entry, canon["answer"], index, label, "answer", raw_row))
+        if canon.get("solution") is not None:
+            out["solution_archive"] = canon["solution"]
+    elif "solution" in canon:
+        label = source_of.get("solution", "solution")
+        text = _as_text(entry, canon["solution"], index, label, "solution", raw_row)
+        boxed = last_boxed(text)
+        if boxed:
+            out["solution"], out["solution_archive"] = wrap_math(boxed), text
+        elif "\n" not in text.strip() and len(text) <= _BARE_ANSWER_MAX_CHARS:
+            out["solution"] = wrap_math(text)
+        else:
+            raise RowError(
+                entry,
+                index,
+                label,
+                "unparseable",
+                "it looks like a worked solution without \\boxed{}, so there is no final answer to check",
+                _suggest(raw_row, _ANSWER_HINTS, "answer", {label}),
+                cols,
+            )
+    else:
+        fix = _suggest(raw_row, _ANSWER_HINTS, "answer", set(source_of.values()) | {label})
+        raise RowError(
+            entry,
+            index,
+            "answer",
+            "missing_column",
+            "no answer column (looked for 'answer', then 'solution')",
+            fix,
+            cols,
+        )
+
+    if check_answer and answer_parse_status(out["solution"]) == "none":
+        col = source_of.get(
+            "answer", "answer" if "answer" in canon else source_of.get("solution", "solution")
+        )
+        raise RowError(
+            entry,
+            index,
+            col,
+            "unparseable",
+            f"math-verify extracts no answer from {out['solution']!r}",
+            "fix the answer text, or map the column that holds the final answer to `answer`",
+            cols,
+        )
+
+    for dst in source_of:
+        if dst not in ("problem", "answer", "solution"):
+            out[dst] = canon[dst]
+    if entry.target_length_range is not None:
+        if rng is None:
+            raise ValueError(
+                f"dataset {entry.name!r} is an l1 variant: pass rng=row_rng(seed, epoch, index)."
+            )
+        low, high = entry.target_length_range
+        out["target_length"] = rng.randint(low, high)  # both ends inclusive, as in Tina's random.randint
+    return out
+
+
+def validate_head(
+    entry: DatasetEntry, raw_rows: Sequence[dict[str, Any]], *, check_answer: bool = True
+) -> None:
+    """Start-up check: every one of the first rows must normalize. Raises DataValidationError with one message
+    naming the dataset, the first bad row, its column and the fix, and how many of the head rows fail."""
+    if not raw_rows:
+        raise DataValidationError(
+            f"dataset {entry.describe()} yields no rows; check the split and the files.", []
+        )
+    errors: list[RowError] = []
+    for i, raw in enumerate(raw_rows):
+        try:
+            normalize(entry, raw, rng=random.Random(i), index=i, check_answer=check_answer)
+        except RowError as err:
+            errors.append(err)
+    if errors:
+        first = errors[0]
+        more = (
+            f" ({len(errors)} of the first {len(raw_rows)} rows fail; the first is shown)"
+            if len(errors) > 1
+            else ""
+        )
+        raise DataValidationError(f"{first}{more}", errors)

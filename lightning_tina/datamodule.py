@@ -1,0 +1,213 @@
+"""ReasoningDataModule: streams chat-templated prompts for GRPO, and held-out prompts for validate/test.
+
+Rows come from the embedded arithmetic task ("tiny_arithmetic") or from lightning_tina.data_sources (Tina's
+datasets by name, any hub id, local JSON/JSONL/CSV/Parquet), normalized to {"problem", "solution", ...}.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_tina.data_sources import (
+    DatasetEntry,
+    DataSource,
+    RowError,
+    iter_raw_rows,
+    normalize,
+    resolve,
+    row_rng,
+    system_prompt_for,
+    validate_head,
+)
+from lightning_tina.prompts import render_prompt, resolve_system_prompt
+from lightning_tina.types import PromptBatch
+
+TINY_SOURCE = "tiny_arithmetic"
+
+
+class ReasoningDataModule(L.LightningDataModule):
+    """Prompts for GRPO: one line of YAML picks the dataset.
+
+    Args:
+        source: "tiny_arithmetic" (generated, endless), a Tina dataset name ("limr", "open_rs3", ...), a hub id, or
+            a local JSON/JSONL/CSV/Parquet file or glob.
+        split: dataset split (hub sources).
+        config: hub dataset config; None keeps Tina's choice.
+        columns: source column -> our column ("problem", "answer", "solution", ...), e.g. {question_text: problem}.
+        system_prompt: "open_r1", "open_rs", "none" or the text; None keeps Tina's choice for the dataset.
+        chat_template: "tina_r1" (Tina's DeepSeek-R1 template), a Jinja string, or None for the tokenizer's own.
+        tokenizer: tokenizer directory or hub id; linked from model.model by the CLI.
+        prompts_per_step: prompts per optimizer step (B); linked as model.grpo.batch_size / num_generations.
+        max_prompt_length: prompts longer than this many tokens are dropped and counted, never cut.
+        streaming: read lazily (hub streaming or line by line) with a shuffle buffer instead of a full permutation.
+        shuffle_buffer: rows in the streaming shuffle buffer.
+        seed: order of the rows (and the tiny task's generator).
+        validate_rows: rows checked at start-up; a bad one stops the run with a message naming row, column, fix.
+        val_source: held-out prompts for validate/test: "tiny_arithmetic" (its held-out split), another source, None.
+        val_size: held-out problems used.
+        val_batch_size: held-out prompts per validation batch.
+    """
+
+    def __init__(
+        self,
+        source: str = TINY_SOURCE,
+        split: str = "train",
+        config: str | None = None,
+        columns: dict[str, str] | None = None,
+        system_prompt: str | None = None,
+        chat_template: str | None = None,
+        tokenizer: str = "data/tiny",
+        prompts_per_step: int = 8,
+        max_prompt_length: int = 512,
+        streaming: bool = False,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        validate_rows: int = 16,
+        val_source: str | None = TINY_SOURCE,
+        val_size: int = 256,
+        val_batch_size: int = 32,
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.split = split
+        self.config = config
+        self.columns = dict(columns or {})
+        self.system_prompt = system_prompt
+        self.chat_template = chat_template
+        self.tokenizer_name = tokenizer
+        self.prompts_per_step = prompts_per_step
+        self.max_prompt_length = max_prompt_length
+        self.streaming = streaming
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.validate_rows = validate_rows
+        self.val_source = val_source
+        self.val_size = val_size
+        self.val_batch_size = val_batch_size
+        self.tokenizer: Any = None
+        self.entry: DatasetEntry | None = None
+        self.epoch = 0  # position in the stream: epoch and raw rows read in it (checkpointed)
+        self.rows_in_epoch = 0
+        self.skipped: Counter[str] = Counter()  # rows dropped, by reason ("too_long", RowError kinds)
+
+    # ---- set-up --------------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            from lightning_tina.policy import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.tokenizer_name)
+        if stage in (None, "fit") and self.source != TINY_SOURCE and self.entry is None:
+            self.entry = self._resolve(self.source)
+            head = list(itertools.islice(self._raw(self.entry, epoch=0, skip=0), self.validate_rows))
+            validate_head(self.entry, head)
+        render_prompt(self.tokenizer, "check", None, self.chat_template)  # no chat template: fail before training
+
+    def _resolve(self, name: str) -> DatasetEntry:
+        return resolve(
+            DataSource(
+                name=name, split=self.split, config=self.config, columns=self.columns, system_prompt=self.system_prompt
+            )
+        )
+
+    def _raw(self, entry: DatasetEntry, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
+        return iter_raw_rows(
+            entry, streaming=self.streaming, seed=self.seed, shuffle_buffer=self.shuffle_buffer, skip=skip, epoch=epoch
+        )
+
+    def render(self, problem: str, row: dict[str, Any] | None = None) -> list[int]:
+        """Token ids of the chat-templated prompt for `problem` (generation prompt appended, nothing cut)."""
+        if self.entry is not None:
+            system = system_prompt_for(self.entry, row)
+        else:
+            system = resolve_system_prompt(self.system_prompt if self.system_prompt != "none" else None)
+        text = render_prompt(self.tokenizer, problem, system, self.chat_template)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # ---- rows ----------------------------------------------------------------------------------------------------
+
+    def _train_rows(self) -> Iterator[dict[str, Any]]:
+        """Normalized training rows from the saved position on; bad rows are skipped and counted by kind."""
+        if self.source == TINY_SOURCE:
+            from lightning_tina.tiny.task import train_rows
+
+            yield from itertools.islice(train_rows(self.seed), self.rows_in_epoch, None)
+            return
+        assert self.entry is not None
+        while True:
+            for raw in self._raw(self.entry, self.epoch, self.rows_in_epoch):
+                pos = self.rows_in_epoch
+                self.rows_in_epoch += 1
+                try:
+                    yield normalize(self.entry, raw, rng=row_rng(self.seed, self.epoch, pos), index=pos)
+                except RowError as err:
+                    self.skipped[err.kind] += 1
+            if self.rows_in_epoch == 0:
+                raise ValueError(f"data.source {self.source!r} yields no rows")
+            self.epoch += 1
+            self.rows_in_epoch = 0
+
+    def _prompts(self, rows: Iterator[dict[str, Any]]) -> Iterator[tuple[list[int], dict[str, Any]]]:
+        for row in rows:
+            if self.source == TINY_SOURCE:
+                self.rows_in_epoch += 1
+            ids = self.render(row["problem"], row)
+            if len(ids) > self.max_prompt_length:
+                self.skipped["too_long"] += 1
+                continue
+            yield ids, row
+
+    def _val_rows(self) -> list[dict[str, Any]]:
+        if self.val_source is None:
+            return []
+        if self.val_source == TINY_SOURCE:
+            from lightning_tina.tiny.task import heldout_rows
+
+            return heldout_rows(self.val_size)
+        entry = self._resolve(self.val_source)
+        raw = iter_raw_rows(entry, streaming=False, seed=self.seed, shuffle_buffer=1, shuffle=False)
+        return [normalize(entry, r, rng=row_rng(self.seed, 0, i), index=i) for i, r in zip(range(self.val_size), raw)]
+
+    def _collate(self, items: list[tuple[list[int], dict[str, Any]]]) -> PromptBatch:
+        ids = [i for i, _ in items]
+        return PromptBatch(prompt_ids=ids, prompts=[self.tokenizer.decode(i) for i in ids], rows=[r for _, r in items])
+
+    # ---- loaders -------------------------------------------------------------------------------------------------
+
+    def train_dataloader(self) -> DataLoader:
+        stream = _Stream(lambda: self._prompts(self._train_rows()))
+        return DataLoader(stream, batch_size=self.prompts_per_step, collate_fn=self._collate)
+
+    def val_dataloader(self) -> DataLoader:
+        rows = self._val_rows()
+        items = [(self.render(r["problem"], r), r) for r in rows]
+        return DataLoader(items, batch_size=self.val_batch_size, collate_fn=self._collate)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    # ---- resume --------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "rows_in_epoch": self.rows_in_epoch, "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state.get("epoch", 0))
+        self.rows_in_epoch = int(state.get("rows_in_epoch", 0))
+        self.skipped = Counter(state.get("skipped", {}))
+
+
+class _Stream(IterableDataset):
+    """An IterableDataset over a generator factory (called anew for each pass)."""
+
+    def __init__(self, make: Any) -> None:
+        self.make = make
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.make())

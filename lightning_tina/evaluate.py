@@ -1,0 +1,398 @@
+"""Benchmark evaluation through any RolloutEngine: sample k completions per problem, grade, score, write, re-grade.
+
+Used by the training callback (`evaluate`) and as a command (`python -m lightning_tina.evaluate --help`). Outputs:
+`results.json` (config and scores), `results.md` (Tina's table layout plus details) and `samples.jsonl` (one record
+per sample: prompt, completion, extracted answer, verdict), which `regrade` scores again offline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from lightning_tina.benchmarks import REGISTRY, Benchmark, render, render_text
+from lightning_tina.passk import mean_pass_at_k, pass_at_1, reported_ks
+from lightning_tina.rollout.base import RolloutEngine, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+RESULTS_JSON, RESULTS_MD, SAMPLES_JSONL = "results.json", "results.md", "samples.jsonl"
+
+
+@dataclass
+class BenchmarkScore:
+    """The scores of one benchmark (fractions in [0, 1])."""
+
+    name: str
+    """Registry name."""
+    problems: int
+    """Number of problems P."""
+    k: int
+    """Samples per problem."""
+    pass_at_1: float
+    """Mean over problems of the per-problem accuracy over its k samples."""
+    stderr: float
+    """Standard error of `pass_at_1`: std over problems (ddof=1) of per-problem accuracy / sqrt(P); NaN if P=1."""
+    pass_at: dict[int, float]
+    """Unbiased pass@j for j in 1, 2, 4, ... up to k."""
+    correct: int
+    """Correct samples."""
+    truncated: int
+    """Samples cut off by max_new_tokens."""
+    other_pass_at_1: float | None = None
+    """pass@1 under the other grading mode (strict vs Tina's lenient), when it was graded too."""
+
+
+@dataclass
+class EvalResult:
+    """Scores per benchmark (in evaluation order), every graded sample, and the settings that produced them."""
+
+    scores: dict[str, BenchmarkScore]
+    """Per-benchmark scores."""
+    records: list[dict[str, Any]]
+    """One record per sample (see `evaluate`)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Sampling, k, strictness, model; copied into results.json."""
+
+    @property
+    def average(self) -> float:
+        """Unweighted mean of pass@1 over the benchmarks evaluated (Tina's "Avg." when they are its six)."""
+        return sum(s.pass_at_1 for s in self.scores.values()) / len(self.scores)
+
+
+def _check_many(completions: list[str], golds: list[str], mode: str, strict: bool) -> list[Any]:
+    """The shared answer checker (imported late so that the module loads without it)."""
+    from lightning_tina.checker import check_many
+
+    return check_many(completions, golds, mode, strict=strict)
+
+
+def _grade(records: list[dict[str, Any]], strict: bool, key: str = "") -> None:
+    """Grade `records` in place (grouped by mode): sets `correct`, `extracted`, `status` (prefixed with `key`)."""
+    by_mode: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_mode.setdefault(r["mode"], []).append(i)
+    for mode, idx in by_mode.items():
+        verdicts = _check_many(
+            [records[i]["completion"] for i in idx], [records[i]["gold"] for i in idx], mode, strict
+        )
+        for i, v in zip(idx, verdicts, strict=True):
+            records[i][key + "correct"] = bool(v.correct)
+            if not key:
+                records[i]["extracted"] = None if v.extracted is None else str(v.extracted)
+                records[i]["status"] = str(v.status)
+
+
+def score_records(records: list[dict[str, Any]], other: bool = False) -> dict[str, BenchmarkScore]:
+    """Scores per benchmark from graded records, problems in first-seen order; every problem must have k samples."""
+    grouped: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in records:
+        grouped.setdefault(r["benchmark"], {}).setdefault(r["problem_id"], []).append(r)
+    scores = {}
+    for name, problems in grouped.items():
+        ks = {len(v) for v in problems.values()}
+        if len(ks) != 1:
+            raise ValueError(f"benchmark {name!r}: problems have different sample counts {sorted(ks)}")
+        k = ks.pop()
+        matrix = [[s["correct"] for s in v] for v in problems.values()]
+        mean, err = pass_at_1(matrix)
+        other_mean = (
+            pass_at_1([[s["other_correct"] for s in v] for v in problems.values()])[0] if other else None
+        )
+        scores[name] = BenchmarkScore(
+            name=name,
+            problems=len(matrix),
+            k=k,
+            pass_at_1=mean,
+            stderr=err,
+            pass_at={j: mean_pass_at_k(matrix, j) for j in reported_ks(k)},
+            correct=sum(map(sum, matrix)),
+            truncated=sum(r["finish_reason"] == "length" for v in problems.values() for r in v),
+            other_pass_at_1=other_mean,
+        )
+    return scores
+
+
+def _bench_seed(seed: int | None, name: str) -> int | None:
+    """A per-benchmark sampling seed, so one benchmark's samples do not depend on which others run before it."""
+    return None if seed is None else (seed + zlib.crc32(name.encode())) % (2**31)
+
+
+def evaluate(
+    engine: RolloutEngine,
+    tokenizer: Any,
+    benchmarks: Sequence[Benchmark],
+    sampling: SamplingConfig,
+    k: int,
+    strict: bool = True,
+    *,
+    compare_modes: bool = False,
+    add_special_tokens: bool = False,
+    on_benchmark: Callable[[BenchmarkScore], None] | None = None,
+) -> EvalResult:
+    """Sample `k` completions per problem with `engine`, grade them with the shared checker, and score.
+
+    `strict=False` grades as Tina's lighteval did (quirks included); `compare_modes` also grades the other way and
+    reports it as `other_pass_at_1`. The sampling seed of each benchmark is `sampling.seed` offset by a hash of its
+    name. Records hold: benchmark, problem_id, sample, prompt (rendered text), completion, gold, mode, strict,
+    finish_reason, completion_tokens, extracted, status, correct (and other_correct).
+    """
+    if k < 1:
+        raise ValueError(f"k (samples per problem) must be >= 1, got {k}")
+    records: list[dict[str, Any]] = []
+    scores: dict[str, BenchmarkScore] = {}
+    for bench in benchmarks:
+        t0 = time.perf_counter()
+        prompts = [render(p, tokenizer, add_special_tokens=add_special_tokens) for p in bench.problems]
+        texts = [render_text(p, tokenizer) for p in bench.problems]
+        gens = engine.generate(prompts, k, replace(sampling, seed=_bench_seed(sampling.seed, bench.name)))
+        if len(gens) != len(prompts) * k:
+            raise RuntimeError(f"engine returned {len(gens)} generations for {len(prompts)} prompts x k={k}")
+        recs = []
+        for j, g in enumerate(gens):  # group-major: problem j // k, sample j % k
+            p = bench.problems[j // k]
+            recs.append(
+                dict(
+                    benchmark=bench.name,
+                    problem_id=p.id,
+                    sample=j % k,
+                    prompt=texts[j // k],
+                    completion=tokenizer.decode(g.token_ids, skip_special_tokens=True),
+                    gold=p.gold,
+                    mode=p.mode,
+                    strict=strict,
+                    finish_reason=g.finish_reason,
+                    completion_tokens=len(g.token_ids),
+                )
+            )
+        _grade(recs, strict)
+        if compare_modes:
+            _grade(recs, not strict, key="other_")
+        scores[bench.name] = score_records(recs, other=compare_modes)[bench.name]
+        records.extend(recs)
+        log.info(
+            "%s: pass@1 %.4f (%.1fs)", bench.name, scores[bench.name].pass_at_1, time.perf_counter() - t0
+        )
+        if on_benchmark is not None:
+            on_benchmark(scores[bench.name])
+    config = dict(sampling=asdict(sampling), k=k, strict=strict, compare_modes=compare_modes)
+    config["benchmarks"] = {
+        b.name: dict(source=b.source, seed=b.seed, problems=len(b.problems)) for b in benchmarks
+    }
+    return EvalResult(scores=scores, records=records, config=config)
+
+
+def regrade(jsonl_path: str | Path, strict: bool | None = None) -> EvalResult:
+    """Grade a written samples.jsonl again (with each record's own `strict`, unless `strict` is given) and score."""
+    path = Path(jsonl_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"regrade: no samples file at {path}")
+    with path.open(encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    if not records:
+        raise ValueError(f"regrade: {path} has no records")
+    compare = all("other_correct" in r for r in records)
+    for r in records:
+        if strict is not None:
+            r["strict"] = strict
+    for s in sorted({r["strict"] for r in records}):
+        group = [r for r in records if r["strict"] == s]
+        _grade(group, s)
+        if compare:
+            _grade(group, not s, key="other_")
+    return EvalResult(
+        scores=score_records(records, other=compare), records=records, config={"regraded": str(path)}
+    )
+
+
+def _num(x: float | None) -> float | None:
+    """JSON-safe number: NaN becomes null."""
+    return None if x is None or math.isnan(x) else x
+
+
+def _pct(x: float | None) -> str:
+    """A fraction as Tina prints it: percent with two decimals."""
+    return "-" if x is None or math.isnan(x) else f"{100 * x:.2f}"
+
+
+def results_table(result: EvalResult, label: str) -> str:
+    """Markdown: Tina's table (benchmarks as columns in Tina's order, pass@1 in %, then Avg.) and a detail table."""
+    names = [n for n in REGISTRY if n in result.scores] + [n for n in result.scores if n not in REGISTRY]
+    titles = [REGISTRY[n].title if n in REGISTRY else n for n in names]
+    lines = [
+        "| Model | " + " | ".join(titles) + " | Avg. |",
+        "|---|" + "---:|" * (len(names) + 1),
+        f"| {label} | "
+        + " | ".join(_pct(result.scores[n].pass_at_1) for n in names)
+        + f" | {_pct(result.average)} |",
+        "",
+        "pass@1 is the mean over k samples per problem; ± is its standard error over problems (in points).",
+        "",
+        "| Benchmark | Problems | k | pass@1 ± s.e. | pass@k | other mode pass@1 | correct | truncated |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, t in zip(names, titles, strict=True):
+        s = result.scores[n]
+        passk = ", ".join(f"@{j} {_pct(v)}" for j, v in s.pass_at.items())
+        lines.append(
+            f"| {t} | {s.problems} | {s.k} | {_pct(s.pass_at_1)} ± {_pct(s.stderr)} | {passk} | "
+            f"{_pct(s.other_pass_at_1)} | {s.correct}/{s.problems * s.k} | {s.truncated} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: EvalResult, out_dir: str | Path, label: str = "model") -> dict[str, Path]:
+    """Write results.json, results.md and samples.jsonl into `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / RESULTS_JSON, "md": out / RESULTS_MD, "samples": out / SAMPLES_JSONL}
+    scores = {}
+    for n, s in result.scores.items():
+        d = asdict(s)
+        d.update(stderr=_num(s.stderr), pass_at={str(j): v for j, v in s.pass_at.items()})
+        scores[n] = d
+    payload = dict(label=label, config=result.config, scores=scores, average_pass_at_1=result.average)
+    paths["json"].write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    paths["md"].write_text(results_table(result, label), encoding="utf-8")
+    with paths["samples"].open("w", encoding="utf-8") as f:
+        for r in result.records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return paths
+
+
+def _parser() -> Any:
+    """The command's arguments (jsonargparse, so `--config configs/eval/<preset>.yaml` works)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    p = ArgumentParser(prog="python -m lightning_tina.evaluate", description=__doc__)
+    p.add_argument("--config", action=ActionConfigFile, help="YAML preset (see configs/eval/)")
+    p.add_argument("--model", type=str, required=True, help="base model directory or hub id")
+    p.add_argument("--adapter", type=str | None, default=None, help="PEFT LoRA adapter directory")
+    p.add_argument("--benchmarks", type=str, default="math500", help="comma-separated: " + ",".join(REGISTRY))
+    p.add_argument(
+        "--data-dir", type=str | None, default=None, help="local JSONL directory; default: the hub"
+    )
+    p.add_argument("--k", type=int, default=1, help="samples per problem (Tina: 1)")
+    p.add_argument("--max-new-tokens", type=int, default=32768, help="Tina: 32768")
+    p.add_argument("--temperature", type=float, default=0.6, help="Tina: 0.6")
+    p.add_argument("--top-p", type=float, default=0.95, help="Tina: 0.95")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed and GPQA option-slot seed")
+    p.add_argument("--limit", type=int | None, default=None, help="first N problems of each benchmark")
+    p.add_argument("--grading", type=str, default="strict", choices=["strict", "tina"], help="checker mode")
+    p.add_argument("--compare-modes", type=bool, default=True, help="also grade the other mode, side by side")
+    p.add_argument("--engine", type=str, default="auto", choices=["hf", "vllm", "auto"])
+    p.add_argument("--dtype", type=str, default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--batch-prompts", type=int, default=64, help="prompts per HF generate call")
+    p.add_argument(
+        "--double-bos", type=bool, default=False, help="encode with special tokens, as lighteval did"
+    )
+    p.add_argument(
+        "--label", type=str | None, default=None, help="row label in results.md (default: the model)"
+    )
+    p.add_argument("--out", type=str, required=True, help="output directory")
+    return p
+
+
+def _check_paths(model: str, adapter: str | None) -> None:
+    """Fail early, naming the flag, on a model path that does not exist or an adapter that is not one."""
+    looks_local = model.startswith(("/", ".", "~")) or model.count("/") > 1
+    if looks_local and not Path(model).expanduser().is_dir():
+        raise SystemExit(
+            f"--model: no model directory at {model!r} (give a local directory or a hub id owner/name)"
+        )
+    if adapter is not None and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
+        raise SystemExit(
+            f"--adapter: {adapter!r} is not a PEFT adapter directory (no adapter_config.json in it)"
+        )
+
+
+def _load_policy(args: Any) -> Any:
+    """The HF model with the adapter applied (PEFT), for HF generation or to push the adapter into vLLM."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    if args.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    return model
+
+
+def _make_engine(args: Any, tokenizer: Any, max_model_len: int) -> tuple[RolloutEngine, str]:
+    """The engine the flags ask for, and its name: "auto" takes vLLM when it is installed, else HF generate."""
+    import torch
+
+    from lightning_tina.rollout.vllm import VLLMConfig, VLLMEngine, vllm_available
+
+    kind = args.engine if args.engine != "auto" else ("vllm" if vllm_available() else "hf")
+    if kind == "hf":
+        from lightning_tina.rollout.hf import HFEngine
+
+        model = _load_policy(args).to("cuda" if torch.cuda.is_available() else "cpu")
+        return HFEngine(model, tokenizer, max_batch_prompts=args.batch_prompts), kind
+    rank = 1
+    if args.adapter is not None:
+        rank = json.loads((Path(args.adapter).expanduser() / "adapter_config.json").read_text())["r"]
+    cfg = VLLMConfig(max_model_len=max_model_len, seed=args.seed)
+    engine = VLLMEngine(args.model, dtype=args.dtype, max_lora_rank=rank, config=cfg)
+    if args.adapter is not None:  # vLLM serves the base; the adapter goes in as a LoRA, unmerged
+        engine.sync(_load_policy(args), version=1)
+    return engine, kind
+
+
+def main(argv: list[str] | None = None) -> EvalResult:
+    """Run the standalone evaluation and write its three outputs."""
+    from lightning_tina.benchmarks import get_spec, load_benchmarks
+
+    args = _parser().parse_args(argv)
+    names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
+    try:
+        for n in names:
+            get_spec(n)
+    except ValueError as err:
+        raise SystemExit(f"--benchmarks: {err}") from None
+    _check_paths(args.model, args.adapter)
+    benches = load_benchmarks(names, data_dir=args.data_dir, limit=args.limit, seed=args.seed)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except OSError as err:
+        raise SystemExit(
+            f"--model: cannot load {args.model!r} as a local directory or hub id ({err})"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    longest = max(
+        len(render(p, tokenizer, add_special_tokens=args.double_bos)) for b in benches for p in b.problems
+    )
+    engine, kind = _make_engine(args, tokenizer, max_model_len=longest + args.max_new_tokens)
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    try:
+        result = evaluate(
+            engine, tokenizer, benches, sampling, args.k, strict=args.grading == "strict",
+            compare_modes=args.compare_modes, add_special_tokens=args.double_bos,
+        )  # fmt: skip
+    finally:
+        engine.close()
+    result.config.update(model=args.model, adapter=args.adapter, engine=kind, grading=args.grading)
+    label = args.label or (args.model + (f" + {args.adapter}" if args.adapter else ""))
+    paths = write_results(result, args.out, label=label)
+    print(paths["md"].read_text(encoding="utf-8"))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return result
+
+
+if __name__ == "__main__":
+    main()

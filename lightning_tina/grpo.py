@@ -1,0 +1,221 @@
+"""The GRPO maths as pure functions: advantages, token log-probs, the clipped surrogate, KL and loss aggregation.
+
+Shapes: N completions (B prompts x G generations, group-major), C completion tokens, T = prompt + completion tokens,
+H hidden size, V vocabulary size. Nothing here touches a model's state or an optimizer, so every function is tested
+on hand-computed values in `tests/test_grpo.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+AdvantageScale = Literal["group", "batch", "none"]
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+
+
+@dataclass
+class GRPOSettings:
+    """The GRPO objective. Defaults are Tina's (TRL GRPO as Tina ran it):
+
+    on: group-normalised advantages (std of the group), k3 KL to the reference with beta 0.04, symmetric clipping
+    eps 0.2 (inactive with num_iterations=1, where the ratio is 1), per-sequence loss mean ("grpo").
+    off: several updates per rollout (num_iterations=1), truncated importance sampling, clip-higher.
+    """
+
+    num_generations: int = 8
+    """G, completions sampled per prompt (the group). Linked to the rollout callback."""
+    batch_size: int = 64
+    """Completions per optimizer step on each device (B * G); must be a multiple of num_generations."""
+    micro_batch_size: int = 16
+    """Completions per forward/backward pass; lower it to save memory (gradients are accumulated)."""
+    beta: float = 0.04
+    """Weight of the k3 KL penalty to the reference model; 0 skips the reference forward."""
+    epsilon_low: float = 0.2
+    """Lower clip range: the ratio is clipped at 1 - epsilon_low."""
+    epsilon_high: float = 0.2
+    """Upper clip range: the ratio is clipped at 1 + epsilon_high (DAPO's clip-higher uses 0.28)."""
+    loss_type: LossType = "grpo"
+    """Token aggregation: grpo (per-sequence mean), bnpo, dr_grpo or dapo (see grpo.aggregate_loss)."""
+    scale_rewards: AdvantageScale = "group"
+    """Divide centred rewards by the group std ("group"), the batch std ("batch") or not ("none", Dr. GRPO)."""
+    num_iterations: int = 1
+    """Optimizer steps per rollout batch (mu); above 1 the clipped ratio uses the rollout's old log-probs."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed from logits / temperature. Linked from the rollout sampling."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    tis_cap: float | None = None
+    """Truncated importance sampling cap for engine/trainer mismatch (e.g. 2.0); None keeps Tina's semantics."""
+    logprob_chunk_tokens: int = 4096
+    """Tokens whose float32 logits are materialised at once when computing log-probs."""
+    gradient_checkpointing: bool = False
+    """Recompute transformer activations in backward to save memory."""
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: AdvantageScale = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """Group-relative advantages.
+
+    A_i = (r_i - mean_g(r)) / (s + eps), with mean_g the mean over the G completions of the same prompt and
+    s = std_g(r) (scale="group", GRPO), the std over the whole batch (scale="batch", as in REINFORCE++/Lite PPO),
+    or s = 1 with no eps (scale="none", Dr. GRPO). Stds are unbiased (Bessel), as in TRL. A group whose rewards are
+    all equal gets advantage 0. NaN rewards are not expected here: the reward sum is NaN-aware upstream.
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be [N] with N a multiple of group_size={group_size}, got {tuple(rewards.shape)}")
+    grouped = rewards.view(-1, group_size)  # [B, G]
+    centered = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # [N]
+    if scale == "none":
+        return centered
+    if scale == "group":
+        std = grouped.std(dim=1, keepdim=True).expand_as(grouped).reshape(-1) if group_size > 1 else None  # [N]
+        if std is None:
+            return torch.zeros_like(rewards)
+    elif scale == "batch":
+        std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())  # []
+    else:
+        raise ValueError(f"advantage scale must be 'group', 'batch' or 'none', got {scale!r}")
+    denom = std + eps  # [N] or []
+    return torch.where(denom > 0, centered / denom.clamp(min=torch.finfo(centered.dtype).tiny), 0.0)
+
+
+def _chunk_logprobs(
+    hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of `targets` and entropy for one chunk of hidden states; logits exist only inside this call."""
+    logits = F.linear(hidden, weight, bias).float() / temperature  # [n, c, V]
+    logz = torch.logsumexp(logits, dim=-1)  # [n, c]
+    token_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [n, c]
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1)  # [n, c, V]
+        entropy = logz - (probs * logits).sum(-1)  # [n, c]
+    return token_logits - logz, entropy
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_tokens: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs log softmax(h W^T + b)[y] / T of `targets`, and per-token entropies, in chunks.
+
+    `hidden` [N, C, H] are the final hidden states that predict `targets` [N, C]. The float32 logits of at most
+    `chunk_tokens` tokens ([chunk, V]) exist at any moment, in the forward pass and, through activation checkpointing,
+    in the backward pass too, instead of the full [N, C, V] tensor (Qwen's V = 151,936 and Tina's C = 3,584 would
+    need 2.2 GB per sequence). Entropy, -sum p log p, is returned detached (it is only logged).
+    Returns (logprobs [N, C] with grad, entropy [N, C] without).
+    """
+    n, c, _ = hidden.shape
+    rows_per_chunk = max(1, chunk_tokens // max(c, 1))  # whole rows when they fit, else pieces of one row
+    cols_per_chunk = min(c, chunk_tokens)
+    logps, ents = [], []
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)
+    for r0 in range(0, n, rows_per_chunk):
+        row_lp, row_ent = [], []
+        for c0 in range(0, c, cols_per_chunk):
+            h = hidden[r0 : r0 + rows_per_chunk, c0 : c0 + cols_per_chunk]  # [n', c', H]
+            y = targets[r0 : r0 + rows_per_chunk, c0 : c0 + cols_per_chunk]  # [n', c']
+            if needs_grad:
+                lp, ent = checkpoint(_chunk_logprobs, h, y, head_weight, head_bias, temperature, use_reentrant=False)
+            else:
+                lp, ent = _chunk_logprobs(h, y, head_weight, head_bias, temperature)
+            row_lp.append(lp)
+            row_ent.append(ent)
+        logps.append(torch.cat(row_lp, dim=1))
+        ents.append(torch.cat(row_ent, dim=1))
+    return torch.cat(logps, dim=0), torch.cat(ents, dim=0).detach()  # [N, C], [N, C]
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased)."""
+    delta = ref_logprobs - logprobs  # [N, C]
+    return torch.exp(delta) - delta - 1
+
+
+def clipped_surrogate(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate as a per-token loss to minimise.
+
+    r = exp(logp - logp_old);  loss = -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A).
+    `advantages` is [N] (one per completion) or [N, C]. Returns (loss [N, C], clipped_low [N, C], clipped_high [N, C]),
+    where clipped_low marks tokens whose gradient the lower bound removed (r < 1 - eps_low and A < 0) and
+    clipped_high those the upper bound removed (r > 1 + eps_high and A > 0).
+    """
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # [N, 1] or [N, C]
+    ratio = torch.exp(logprobs - old_logprobs)  # [N, C]
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # [N, C]
+    loss = -torch.min(ratio * adv, clipped * adv)  # [N, C]
+    clipped_low = (ratio < 1 - epsilon_low) & (adv < 0)  # [N, C]
+    clipped_high = (ratio > 1 + epsilon_high) & (adv > 0)  # [N, C]
+    return loss, clipped_low, clipped_high
+
+
+def aggregate_loss(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: LossType,
+    *,
+    num_sequences: int | None = None,
+    num_tokens: int | float | None = None,
+    max_completion_length: int | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss [n, C] of one micro-batch to the scalar whose sum over micro-batches is the step's loss.
+
+    With m the completion mask, L_i = sum_t m_it l_it and |o_i| = sum_t m_it:
+    - grpo    (Tina, TRL's original): (1/N) sum_i L_i / |o_i|  -- per-sequence mean, then mean over the N sequences
+      of the whole step (`num_sequences`, default the micro-batch's n);
+    - bnpo    : sum_i L_i / sum_i |o_i| over this micro-batch (a token mean per micro-batch; pass `num_sequences` to
+      weight micro-batches by their share of sequences, which makes equal-sized micro-batches average);
+    - dr_grpo : sum_i L_i / (N * max_completion_length), the constant normaliser of Dr. GRPO;
+    - dapo    : sum_i L_i / `num_tokens`, the number of completion tokens in the whole step (all micro-batches and
+      ranks), so every token of the step weighs the same.
+    """
+    m = mask.to(per_token.dtype)  # [n, C]
+    n = per_token.shape[0]
+    total_seqs = num_sequences or n
+    seq_sums = (per_token * m).sum(-1)  # [n]
+    if loss_type == "grpo":
+        return (seq_sums / m.sum(-1).clamp(min=1)).sum() / total_seqs
+    if loss_type == "bnpo":
+        return seq_sums.sum() / m.sum().clamp(min=1) * (n / total_seqs)
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
+        return seq_sums.sum() / (total_seqs * max_completion_length)
+    if loss_type == "dapo":
+        if num_tokens is None:
+            raise ValueError("loss_type 'dapo' needs num_tokens, the completion tokens of the whole step")
+        return seq_sums.sum() / max(float(num_tokens), 1.0)
+    raise ValueError(f"loss_type must be one of grpo, bnpo, dr_grpo, dapo; got {loss_type!r}")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum(v * m) / max(sum(m), 1): the token mean used for logged statistics."""
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp(min=1)
+
+
+def truncated_importance_weights(
+    trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Token-level truncated importance sampling weights min(exp(logp_trainer - logp_engine), cap).
+
+    Corrects for the rollout engine sampling from a slightly different distribution than the trainer computes
+    (bf16 kernels, a different attention implementation). Detached: it reweights, it is not optimised.
+    """
+    return torch.exp(trainer_logprobs.detach() - engine_logprobs).clamp(max=cap)  # [N, C]
+

@@ -1,0 +1,121 @@
+"""The policy: a Hugging Face causal LM wrapped in a PEFT LoRA adapter, and its reference model.
+
+With LoRA the reference is the same base weights with the adapter disabled (no second copy in memory); without
+LoRA it is a frozen deep copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+TINA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoRASettings:
+    """The LoRA adapter. Defaults are Tina's: rank 32, alpha 128, dropout 0.05 on all seven projections."""
+
+    enabled: bool = True
+    """Train a LoRA adapter; False trains all weights (the reference is then a frozen copy)."""
+    r: int = 32
+    """Rank of the adapter matrices."""
+    alpha: int = 128
+    """Scaling numerator: the update is (alpha / r) * B A."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input during training."""
+    target_modules: list[str] = field(default_factory=lambda: list(TINA_TARGET_MODULES))
+    """Names (last path component) of the linear layers that get an adapter."""
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", attn_implementation: str | None = None) -> nn.Module:
+    """Load a causal LM from a local directory or a hub id."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    kwargs = {"dtype": _DTYPES[dtype]}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def load_tokenizer(name_or_path: str):
+    """The model's tokenizer, with a pad token (EOS when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def linear_layer_names(model: nn.Module) -> set[str]:
+    """The last path components of every nn.Linear in `model` (what LoRA target_modules can name)."""
+    return {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+
+
+def wrap_lora(model: nn.Module, lora: LoRASettings) -> nn.Module:
+    """Wrap `model` in a PEFT LoRA adapter; only adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    available = linear_layer_names(model)
+    missing = [t for t in lora.target_modules if t not in available]
+    if missing:
+        raise ValueError(
+            f"model.lora.target_modules names {missing}, which this model does not have; "
+            f"its linear layers are {sorted(available)}"
+        )
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def causal_lm(policy: nn.Module) -> nn.Module:
+    """The Hugging Face *ForCausalLM inside a PEFT wrapper (or the model itself)."""
+    return policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+
+
+def backbone_and_head(policy: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """The transformer that yields final hidden states, and the output projection to the vocabulary.
+
+    Log-probs are computed from hidden states in chunks (see grpo.token_logprobs), so the model's own forward,
+    which would build [N, T, V] logits, is not used in training.
+    """
+    lm = causal_lm(policy)
+    head = lm.get_output_embeddings()
+    backbone = getattr(lm, lm.base_model_prefix, None)
+    if backbone is None or head is None:
+        raise ValueError(f"{type(lm).__name__} exposes no decoder backbone / output head; it is not a causal LM")
+    return backbone, head
+
+
+@contextlib.contextmanager
+def reference_mode(policy: nn.Module, frozen_copy: nn.Module | None) -> Iterator[nn.Module]:
+    """Yield the reference model: the policy with its adapter disabled, or the frozen copy without LoRA."""
+    if frozen_copy is not None:
+        yield frozen_copy
+    else:
+        with policy.disable_adapter():
+            yield policy
+
+
+def frozen_reference(model: nn.Module) -> nn.Module:
+    """A frozen deep copy of the model (full fine-tuning only)."""
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref

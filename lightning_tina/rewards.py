@@ -1,0 +1,464 @@
+"""Tina's GRPO reward functions (same semantics and parameters) and the weighted set the trainer calls.
+
+A reward function is ``fn(completions: list[str], **columns) -> list[float | None]``: ``columns`` holds every
+dataset-row field as a list aligned with ``completions`` (TRL style: ``solution=[...]``) plus the function's
+``kwargs`` from the config; ``None`` means "does not apply to this row". Add one with ``@register_reward("name")``
+or name it by import path (``"my_pkg.my_rewards:brevity"``) in YAML::
+
+    rewards: [{name: accuracy, weight: 2.0}, {name: format, weight: 1.0, kwargs: {pattern: ...}}]
+
+Functions that grade answers should call ``answer_verdicts`` (it shares verdicts between functions within one
+step and counts checker timeouts for the step's log).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import re
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+import torch
+
+from lightning_tina.checker import GRADING_MODES, Verdict, check_many
+
+RewardFn = Callable[..., list[float | None]]
+_REGISTRY: dict[str, RewardFn] = {}
+_BUILTIN: set[str] = set()
+
+TINA_FORMAT_PATTERN = r"\n</think>\n"
+"""Tina's ``format`` reward: exactly one ``"\\n</think>\\n"`` (``<think>`` itself is in the chat template)."""
+R1_BOXED_FORMAT_PATTERN = r"\A(?:<think>\n)?(?:(?!</think>).)*\n</think>\n(?:(?!</think>).)*?\\boxed\{"
+"""DeepSeek-R1 shape (use with ``match: search``): optional ``<think>``, reasoning, one ``</think>``, then a box."""
+_STEP_PATTERN = re.compile(r"(Step \d+:|^\d+\.|\n-|\n\*|First,|Second,|Next,|Finally,)")  # Tina's, verbatim
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator that makes ``fn`` selectable as ``{name: <name>}`` in the ``rewards`` config."""
+    if not name or ":" in name:
+        raise ValueError(
+            f"reward name {name!r} must be non-empty and must not contain ':' (import-path syntax)"
+        )
+
+    def add(fn: RewardFn) -> RewardFn:
+        old = _REGISTRY.get(name)
+        same = old is not None and (old.__module__, old.__qualname__) == (fn.__module__, fn.__qualname__)
+        if old is not None and not same:  # re-registering the same function (a module reload) is fine
+            raise ValueError(
+                f"reward name {name!r} is already registered to {old.__module__}.{old.__qualname__}"
+            )
+        _REGISTRY[name] = fn
+        return fn
+
+    return add
+
+
+def _builtin(name: str) -> Callable[[RewardFn], RewardFn]:
+    _BUILTIN.add(name)
+    return register_reward(name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Answer checking shared by the accuracy-type rewards
+
+
+class _StepScope:
+    """Verdicts and timeout count of one ``RewardSet`` call."""
+
+    def __init__(self) -> None:
+        self.cache: dict[tuple[str, str, str, bool], Verdict] = {}
+        self.timeouts = 0
+
+
+_SCOPE: ContextVar[_StepScope | None] = ContextVar("lightning_tina_reward_scope", default=None)
+
+
+def answer_verdicts(
+    completions: Sequence[str], golds: Sequence[str], *, mode: str, strict: bool, timeout_s: float
+) -> list[Verdict]:
+    """``checker.check_many``, reusing verdicts already computed in this ``RewardSet`` call and counting timeouts."""
+    scope = _SCOPE.get()
+    if scope is None:
+        return check_many(completions, golds, mode, strict=strict, timeout_s=timeout_s)  # type: ignore[arg-type]
+    keys = [(c, g, mode, strict) for c, g in zip(completions, golds, strict=True)]
+    todo = list(dict.fromkeys(k for k in keys if k not in scope.cache))
+    if todo:
+        fresh = check_many(
+            [k[0] for k in todo], [k[1] for k in todo], mode, strict=strict, timeout_s=timeout_s
+        )  # type: ignore[arg-type]
+        scope.timeouts += sum(v.status == "timeout" for v in fresh)
+        scope.cache.update(zip(todo, fresh, strict=True))
+    return [scope.cache[k] for k in keys]
+
+
+def _column(columns: dict[str, Any], name: str, reward: str, n: int) -> list[Any]:
+    if n == 0:
+        return []
+    if name not in columns:
+        raise KeyError(f"reward {reward!r} reads the row field {name!r}, but the rows have {sorted(columns)}")
+    values = columns[name]
+    if len(values) != n:
+        raise ValueError(f"reward {reward!r}: field {name!r} has {len(values)} values for {n} completions")
+    return list(values)
+
+
+def _check_grading(mode: str, timeout_s: float) -> None:
+    if mode not in GRADING_MODES:
+        raise ValueError(f"mode={mode!r} is not one of {list(GRADING_MODES)}")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s={timeout_s!r} must be positive")
+
+
+def _correctness(
+    completions: list[str],
+    columns: dict[str, Any],
+    reward: str,
+    gold_field: str,
+    mode: str,
+    strict: bool,
+    timeout_s: float,
+) -> list[Verdict]:
+    _check_grading(mode, timeout_s)
+    golds = [str(g) for g in _column(columns, gold_field, reward, len(completions))]
+    return answer_verdicts(completions, golds, mode=mode, strict=strict, timeout_s=timeout_s)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tina's reward functions
+
+
+@_builtin("accuracy")
+def accuracy_reward(
+    completions: list[str],
+    *,
+    gold_field: str = "solution",
+    mode: str = "latex",
+    strict: bool = True,
+    timeout_s: float = 5.0,
+    **columns: Any,
+) -> list[float | None]:
+    """1.0 if the final answer equals the row's gold (``gold_field``), else 0.0; None if the gold does not parse.
+
+    Tina grades against ``solution`` (answers wrapped as ``$...$``), hence LaTeX mode. A checker timeout is 0.0.
+    """
+    verdicts = _correctness(completions, columns, "accuracy", gold_field, mode, strict, timeout_s)
+    return [None if v.status == "gold_unparsed" else float(v.correct) for v in verdicts]
+
+
+@_builtin("format")
+def format_reward(
+    completions: list[str], *, pattern: str = TINA_FORMAT_PATTERN, match: str = "once", **_: Any
+) -> list[float | None]:
+    """1.0 if the completion has the expected shape, else 0.0 (regex with DOTALL).
+
+    ``match``: "once" = the pattern occurs exactly once (Tina's rule with the default pattern), "search" =
+    somewhere, "full" = the whole completion.
+    """
+    regex = _compile(pattern)
+    if match not in ("once", "search", "full"):
+        raise ValueError(f"match={match!r} must be 'once', 'search' or 'full'")
+    if match == "once":
+        return [
+            float(sum(1 for _ in zip(range(2), regex.finditer(c), strict=False)) == 1) for c in completions
+        ]
+    test = regex.search if match == "search" else regex.fullmatch
+    return [float(test(c) is not None) for c in completions]
+
+
+@lru_cache(maxsize=32)
+def _compile(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern, re.DOTALL)
+    except re.error as e:
+        raise ValueError(f"pattern={pattern!r} is not a valid regular expression: {e}") from None
+
+
+@_builtin("tag_count")
+def tag_count_reward(completions: list[str], **_: Any) -> list[float | None]:
+    """0.5 for exactly one ``"<think>\\n"`` plus 0.5 for exactly one ``"\\n</think>\\n"``."""
+    return [0.5 * (c.count("<think>\n") == 1) + 0.5 * (c.count("\n</think>\n") == 1) for c in completions]
+
+
+@_builtin("reasoning_steps")
+def reasoning_steps_reward(completions: list[str], **_: Any) -> list[float | None]:
+    """min(1, k / 3) for k step markers ("Step 1:", "1." at the very start, "\\n-", "\\n*", "First," ...)."""
+    return [min(1.0, len(_STEP_PATTERN.findall(c)) / 3) for c in completions]
+
+
+def _is_correct_or_unparsed(verdicts: list[Verdict]) -> list[bool]:
+    """Tina's length rewards treat an unparseable gold as correct ("to avoid penalizing")."""
+    return [v.correct or v.status == "gold_unparsed" for v in verdicts]
+
+
+@_builtin("length")
+def length_reward(
+    completions: list[str],
+    *,
+    gold_field: str = "solution",
+    mode: str = "latex",
+    strict: bool = True,
+    timeout_s: float = 5.0,
+    **columns: Any,
+) -> list[float | None]:
+    """Kimi 1.5 length reward over the completions of one call (lengths in characters, as in Tina).
+
+    ``lam = 0.5 - (len - min_len) / (max_len - min_len)``; correct: ``lam``, wrong: ``min(0, lam)``;
+    all 0.0 when every completion has the same length.
+    """
+    verdicts = _correctness(completions, columns, "length", gold_field, mode, strict, timeout_s)
+    lengths = [len(c) for c in completions]
+    if not lengths or max(lengths) == min(lengths):
+        return [0.0] * len(completions)
+    lo, hi = min(lengths), max(lengths)
+    lams = [0.5 - (n - lo) / (hi - lo) for n in lengths]
+    return [
+        lam if ok else min(0.0, lam) for lam, ok in zip(lams, _is_correct_or_unparsed(verdicts), strict=True)
+    ]
+
+
+def _targets(columns: dict[str, Any], target_field: str, reward: str, n: int) -> list[float]:
+    values = _column(columns, target_field, reward, n)
+    bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))), None)
+    if bad is not None:
+        raise ValueError(f"reward {reward!r}: field {target_field!r} must hold numbers, got {bad!r}")
+    return [float(v) for v in values]
+
+
+@_builtin("length_l1_exact")
+def length_l1_exact_reward(
+    completions: list[str],
+    *,
+    alpha: float = 0.0003,
+    target_field: str = "target_length",
+    gold_field: str = "solution",
+    mode: str = "latex",
+    strict: bool = True,
+    timeout_s: float = 5.0,
+    **columns: Any,
+) -> list[float | None]:
+    """L1-Exact: correct ``1 - alpha*|len - target|``, wrong ``-alpha*|len - target|`` (per-row target).
+
+    As in Tina, lengths are characters and all rewards are 0.0 when every completion has the same length.
+    """
+    verdicts = _correctness(completions, columns, "length_l1_exact", gold_field, mode, strict, timeout_s)
+    targets = _targets(columns, target_field, "length_l1_exact", len(completions))
+    lengths = [len(c) for c in completions]
+    if not lengths or max(lengths) == min(lengths):
+        return [0.0] * len(completions)
+    gaps = [alpha * abs(n - t) for n, t in zip(lengths, targets, strict=True)]
+    return [1.0 - g if ok else -g for g, ok in zip(gaps, _is_correct_or_unparsed(verdicts), strict=True)]
+
+
+@_builtin("length_l1_max")
+def length_l1_max_reward(
+    completions: list[str],
+    *,
+    alpha: float = 0.0003,
+    delta: float = 0.5,
+    target_field: str = "target_length",
+    gold_field: str = "solution",
+    mode: str = "latex",
+    strict: bool = True,
+    timeout_s: float = 5.0,
+    **columns: Any,
+) -> list[float | None]:
+    """L1-Max: correct ``clip(alpha*(target - len) + delta, 0, 1)``, wrong 0.0 (per-row target, characters).
+
+    As in Tina, all rewards are 0.0 when every completion has the same length.
+    """
+    verdicts = _correctness(completions, columns, "length_l1_max", gold_field, mode, strict, timeout_s)
+    targets = _targets(columns, target_field, "length_l1_max", len(completions))
+    lengths = [len(c) for c in completions]
+    if not lengths or max(lengths) == min(lengths):
+        return [0.0] * len(completions)
+    values = [max(0.0, min(alpha * (t - n) + delta, 1.0)) for n, t in zip(lengths, targets, strict=True)]
+    return [v if ok else 0.0 for v, ok in zip(values, _is_correct_or_unparsed(verdicts), strict=True)]
+
+
+@_builtin("cosine")
+def cosine_reward(
+    completions: list[str],
+    *,
+    min_value_wrong: float = 0.0,
+    max_value_wrong: float = -0.5,
+    min_value_correct: float = 0.5,
+    max_value_correct: float = 1.0,
+    max_len: int = 1000,
+    clip_progress: bool = False,
+    gold_field: str = "solution",
+    mode: str = "latex",
+    strict: bool = True,
+    timeout_s: float = 5.0,
+    **columns: Any,
+) -> list[float | None]:
+    """Cosine-scaled correctness: ``lo + (hi - lo) * (1 + cos(pi * len / max_len)) / 2`` (len in characters).
+
+    Correct: lo, hi = min_value_correct, max_value_correct; wrong: lo, hi = max_value_wrong, min_value_wrong, so
+    short right answers earn most and short wrong ones lose most. Defaults are Tina's config values. Tina does
+    not clip ``len / max_len`` (past 2*max_len the reward rises again); ``clip_progress`` caps it at 1. A row
+    whose gold does not parse gets 1.0, as in Tina.
+    """
+    if max_len <= 0:
+        raise ValueError(f"max_len={max_len!r} must be a positive number of characters")
+    verdicts = _correctness(completions, columns, "cosine", gold_field, mode, strict, timeout_s)
+    rewards: list[float | None] = []
+    for text, v in zip(completions, verdicts, strict=True):
+        if v.status == "gold_unparsed":
+            rewards.append(1.0)
+            continue
+        progress = len(text) / max_len
+        cosine = math.cos(math.pi * (min(progress, 1.0) if clip_progress else progress))
+        lo, hi = (min_value_correct, max_value_correct) if v.correct else (max_value_wrong, min_value_wrong)
+        rewards.append(lo + 0.5 * (hi - lo) * (1.0 + cosine))
+    return rewards
+
+
+@_builtin("repetition_penalty")
+def repetition_penalty_reward(
+    completions: list[str], *, ngram_size: int = 3, max_penalty: float = -1.0, **_: Any
+) -> list[float | None]:
+    """``max_penalty * (1 - distinct / total)`` over lower-cased word n-grams; 0.0 with fewer words than n."""
+    if max_penalty > 0:
+        raise ValueError(f"max_penalty={max_penalty!r} must not be positive (it is a penalty)")
+    if not isinstance(ngram_size, int) or ngram_size < 1:
+        raise ValueError(f"ngram_size={ngram_size!r} must be a positive integer")
+    rewards: list[float | None] = []
+    for text in completions:
+        words = text.lower().split()
+        if len(words) < ngram_size:
+            rewards.append(0.0)
+            continue
+        grams = list(zip(*(words[i:] for i in range(ngram_size)), strict=False))
+        rewards.append((1.0 - len(set(grams)) / len(grams)) * max_penalty)
+    return rewards
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The weighted set
+
+
+@dataclass
+class RewardSpec:
+    """One entry of the ``rewards`` config list."""
+
+    name: str
+    """Registered reward name ("accuracy", "format", ...) or an import path "pkg.module:function"."""
+    weight: float = 1.0
+    """Multiplier of this function's value in the total reward (TRL ``reward_weights``)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword parameters of the function (e.g. ``{pattern: ..., match: search}`` for ``format``)."""
+
+
+class RewardOutput(NamedTuple):
+    """Rewards of one step."""
+
+    per_function: torch.Tensor  # [N, F] float32, NaN where a function returned None
+    total: torch.Tensor  # [N] sum over F of weight * value, None (NaN) terms skipped
+    timeouts: int  # checker timeouts during this call
+    none_fraction: torch.Tensor  # [F] fraction of rows where each function returned None
+
+
+def _resolve(name: str, where: str) -> RewardFn:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if ":" not in name:
+        raise ValueError(
+            f"{where}.name = {name!r} is not a known reward; use one of {sorted(_REGISTRY)} "
+            "or an import path 'pkg.module:function'"
+        )
+    module_name, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"{where}.name = {name!r}: cannot import it ({e})") from None
+    if not callable(fn):
+        raise ValueError(f"{where}.name = {name!r} is not callable")
+    return fn
+
+
+def _check_kwargs(fn: RewardFn, spec: RewardSpec, where: str) -> None:
+    params = inspect.signature(fn).parameters
+    named = {p for p, v in params.items() if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)} - {
+        "completions"
+    }
+    open_kwargs = any(v.kind is v.VAR_KEYWORD for v in params.values())
+    for key in spec.kwargs:
+        if key not in named and (spec.name in _BUILTIN or not open_kwargs):
+            raise ValueError(
+                f"{where}.kwargs.{key}: {spec.name!r} has no parameter {key!r}; it takes {sorted(named)}"
+            )
+    if spec.name in _BUILTIN:
+        try:
+            fn([], **spec.kwargs)  # a dry run on no completions checks the parameter values
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}.kwargs: {e}") from None
+
+
+class RewardSet:
+    """The configured reward functions, their weights, and one call per training step."""
+
+    def __init__(self, specs: Sequence[RewardSpec]) -> None:
+        if not specs:
+            raise ValueError("model.rewards is empty: configure at least one reward, e.g. [{name: accuracy}]")
+        self.specs = list(specs)
+        self.fns: list[RewardFn] = []
+        for i, spec in enumerate(self.specs):
+            where = f"model.rewards[{i}]"
+            fn = _resolve(spec.name, where)
+            if not isinstance(spec.weight, (int, float)) or not math.isfinite(spec.weight):
+                raise ValueError(f"{where}.weight = {spec.weight!r} must be a finite number")
+            _check_kwargs(fn, spec, where)
+            self.fns.append(fn)
+        self.names = [s.name for s in self.specs]
+        # log keys: the name, with the list index added when a name is configured twice
+        self.log_names = [n if self.names.count(n) == 1 else f"{n}_{j}" for j, n in enumerate(self.names)]
+        self.weights = torch.tensor([float(s.weight) for s in self.specs], dtype=torch.float32)  # [F]
+
+    def __call__(self, completions: list[str], rows: list[dict[str, Any]]) -> RewardOutput:
+        """Score N completions; ``rows[i]`` is the dataset row of ``completions[i]``."""
+        n = len(completions)
+        if len(rows) != n:
+            raise ValueError(f"RewardSet got {n} completions but {len(rows)} rows")
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        if "completions" in keys:
+            raise ValueError(
+                "a dataset row has a field named 'completions'; rename it (reward functions use it)"
+            )
+        columns = {k: [row.get(k) for row in rows] for k in keys}
+        values = torch.full((n, len(self.fns)), float("nan"), dtype=torch.float32)  # [N, F]
+        scope = _StepScope()
+        token = _SCOPE.set(scope)
+        try:
+            for j, (fn, spec) in enumerate(zip(self.fns, self.specs, strict=True)):
+                clash = set(spec.kwargs) & set(columns)
+                if clash:
+                    raise ValueError(
+                        f"model.rewards[{j}].kwargs {sorted(clash)} clash with dataset row fields"
+                    )
+                out = fn(completions, **columns, **spec.kwargs)
+                if len(out) != n:
+                    raise ValueError(f"reward {spec.name!r} returned {len(out)} values for {n} completions")
+                for i, v in enumerate(out):
+                    if v is not None:
+                        values[i, j] = float(v)
+        finally:
+            _SCOPE.reset(token)
+        total = (values * self.weights.unsqueeze(0)).nansum(dim=1)  # [N]
+        none_fraction = values.isnan().float().mean(dim=0) if n else torch.zeros(len(self.fns))  # [F]
+        return RewardOutput(values, total, scope.timeouts, none_fraction)
+
+    def metrics(self, output: RewardOutput) -> dict[str, float]:
+        """What to log per step: each function's mean (over rows where it applies), None fraction, timeouts."""
+        logs: dict[str, float] = {
+            "rewards/total_mean": output.total.mean().item() if output.total.numel() else 0.0
+        }
+        for j, name in enumerate(self.log_names):
+            logs[f"rewards/{name}/mean"] = output.per_function[:, j].nanmean().item()
+            logs[f"rewards/{name}/none_fraction"] = output.none_fraction[j].item()
+        logs["rewards/checker_timeouts"] = float(output.timeouts)
+        return logs

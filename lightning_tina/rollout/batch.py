@@ -1,0 +1,58 @@
+"""Turn an engine's generations into the padded tensors the loss needs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lightning_tina.types import Generation, PromptBatch, Rollouts
+
+
+def make_rollouts(batch: PromptBatch, generations: Sequence[Generation], group_size: int, tokenizer) -> Rollouts:
+    """Pad prompts on the left and completions on the right: [N, P + C] with N = B * G, group-major."""
+    n = len(batch.prompt_ids) * group_size
+    if len(generations) != n:
+        raise RuntimeError(f"rollout engine returned {len(generations)} completions, expected {n}")
+    pad = tokenizer.pad_token_id
+    prompts = [batch.prompt_ids[i // group_size] for i in range(n)]
+    p_len = max(len(p) for p in prompts)
+    c_len = max(1, max(len(g.token_ids) for g in generations))
+    input_ids = torch.full((n, p_len + c_len), pad, dtype=torch.long)  # [N, P+C]
+    attention_mask = torch.zeros((n, p_len + c_len), dtype=torch.long)  # [N, P+C]
+    completion_mask = torch.zeros((n, c_len), dtype=torch.long)  # [N, C]
+    engine_lp = torch.zeros((n, c_len), dtype=torch.float32)  # [N, C]
+    has_lp = all(g.logprobs is not None for g in generations)
+    for i, (p, g) in enumerate(zip(prompts, generations, strict=True)):
+        input_ids[i, p_len - len(p) : p_len] = torch.tensor(p, dtype=torch.long)
+        attention_mask[i, p_len - len(p) : p_len] = 1
+        c = len(g.token_ids)
+        if c:
+            input_ids[i, p_len : p_len + c] = torch.tensor(g.token_ids, dtype=torch.long)
+            attention_mask[i, p_len : p_len + c] = 1
+            completion_mask[i, :c] = 1
+            if has_lp:
+                engine_lp[i, :c] = torch.tensor(g.logprobs, dtype=torch.float32)
+    completions = [decode_completion(tokenizer, g.token_ids) for g in generations]
+    return Rollouts(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        completion_mask=completion_mask,
+        completions=completions,
+        rows=[batch.rows[i // group_size] for i in range(n)],
+        truncated=torch.tensor([g.finish_reason == "length" for g in generations], dtype=torch.bool),  # [N]
+        engine_logprobs=engine_lp if has_lp else None,
+    )
+
+
+def decode_completion(tokenizer, token_ids: Sequence[int]) -> str:
+    """Decode a completion without its trailing EOS/pad tokens.
+
+    Other special tokens are kept: reasoning tags such as `<think>` are special tokens in some tokenizers, and the
+    format reward must see them.
+    """
+    end = len(token_ids)
+    stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    while end and token_ids[end - 1] in stop_ids:
+        end -= 1
+    return tokenizer.decode(list(token_ids[:end]), skip_special_tokens=False)

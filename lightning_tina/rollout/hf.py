@@ -1,0 +1,76 @@
+"""Rollouts with Hugging Face `generate` on the live policy (no copy, so `sync` has nothing to do)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lightning_tina.rollout.base import RolloutEngine, SamplingConfig
+from lightning_tina.types import Generation
+
+
+class HFEngine(RolloutEngine):
+    """Samples with `model.generate` from the model the trainer optimizes, in eval mode (no LoRA dropout).
+
+    Prompts are left-padded into batches of at most `max_batch_prompts` prompts; each prompt is expanded to `n`
+    sequences. The engine returns no log-probs: it samples from the very weights the trainer uses.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, max_batch_prompts: int = 64) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_prompts = max_batch_prompts
+
+    def sync(self, policy: torch.nn.Module, version: int) -> None:
+        self.model = policy  # generate() runs on the live weights
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig) -> list[Generation]:
+        out: list[Generation] = []
+        for start in range(0, len(prompt_ids), self.max_batch_prompts):
+            out.extend(self._generate_batch(prompt_ids[start : start + self.max_batch_prompts], n, sampling))
+        return out
+
+    def _generate_batch(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingConfig) -> list[Generation]:
+        tok = self.tokenizer
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)  # [b, P]
+        mask = torch.zeros_like(ids)  # [b, P]
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        greedy = sampling.temperature <= 0
+        kwargs = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not greedy,
+            num_return_sequences=n,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        if not greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)  # 0 = off (None would mean 50)
+            if sampling.min_p > 0:
+                kwargs["min_p"] = sampling.min_p
+        if sampling.stop:
+            kwargs.update(stop_strings=list(sampling.stop), tokenizer=tok)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            seqs = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)  # [b*n, P+c]
+        finally:
+            self.model.train(was_training)
+        completions = seqs[:, width:].tolist()
+        return [self._to_generation(c, sampling) for c in completions]
+
+    def _to_generation(self, tokens: list[int], sampling: SamplingConfig) -> Generation:
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        if eos in tokens:
+            return Generation(token_ids=tokens[: tokens.index(eos) + 1], logprobs=None, finish_reason="stop")
+        while tokens and tokens[-1] == pad:  # stop strings end a sequence early and pad the rest
+            tokens = tokens[:-1]
+        stopped = bool(sampling.stop) and len(tokens) < sampling.max_new_tokens
+        return Generation(token_ids=tokens, logprobs=None, finish_reason="stop" if stopped else "length")

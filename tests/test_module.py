@@ -1,0 +1,97 @@
+"""GRPOModule on the shipped tiny model: LoRA-only updates, reference equality at step 0, clear errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_tina.datamodule import ReasoningDataModule
+from lightning_tina.grpo import GRPOSettings
+from lightning_tina.module import GRPOModule
+from lightning_tina.optim import OptimSettings
+from lightning_tina.policy import LoRASettings
+from lightning_tina.rewards import RewardSpec
+from lightning_tina.rollout.base import SamplingConfig
+from lightning_tina.rollout.batch import make_rollouts
+from lightning_tina.rollout.hf import HFEngine
+from lightning_tina.tiny.task import heldout_rows
+from lightning_tina.types import PromptBatch
+
+TINY = str(Path(__file__).resolve().parents[1] / "data" / "tiny")
+
+
+def _module(**grpo_kwargs) -> GRPOModule:
+    grpo = GRPOSettings(num_generations=4, batch_size=8, micro_batch_size=3, **grpo_kwargs)
+    m = GRPOModule(
+        model=TINY,
+        lora=LoRASettings(r=4, alpha=8, dropout=0.0),
+        grpo=grpo,
+        optim=OptimSettings(lr=1e-2, warmup_ratio=0.0),
+        rewards=[RewardSpec("accuracy")],
+    )
+    m.configure_model()
+    return m
+
+
+def _rollouts(m: GRPOModule, seed: int = 0):
+    rows = heldout_rows(2)
+    dm = ReasoningDataModule(tokenizer=TINY)
+    dm.setup("fit")
+    ids = [dm.render(r["problem"]) for r in rows]
+    batch = PromptBatch(prompt_ids=ids, prompts=[m.tokenizer.decode(i) for i in ids], rows=rows)
+    torch.manual_seed(seed)
+    gens = HFEngine(m.policy, m.tokenizer).generate(ids, 4, SamplingConfig(max_new_tokens=24, temperature=1.0))
+    return make_rollouts(batch, gens, 4, m.tokenizer)
+
+
+def test_only_lora_parameters_train():
+    m = _module()
+    trainable = {n for n, p in m.policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    opt = m.configure_optimizers()["optimizer"]
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in m.policy.parameters() if p.requires_grad}
+
+
+def test_reference_equals_policy_at_step_zero_and_kl_is_zero():
+    m = _module()
+    r = _rollouts(m)
+    c = r.completion_mask.shape[1]
+    pol, _ = m.sequence_logprobs(m.policy, r.input_ids, r.attention_mask, c)
+    ref = m._frozen_logprobs(r, reference=True)
+    assert torch.equal(pol * r.completion_mask, ref * r.completion_mask)  # LoRA B starts at zero
+
+
+def test_missing_target_module_is_refused():
+    with pytest.raises(ValueError, match=r"model.lora.target_modules.*'not_a_layer'"):
+        GRPOModule(model=TINY, lora=LoRASettings(target_modules=["q_proj", "not_a_layer"])).configure_model()
+
+
+def test_batch_size_must_be_multiple_of_group_size():
+    with pytest.raises(ValueError, match="model.grpo.batch_size=10 is not a multiple of model.grpo.num_generations=4"):
+        GRPOModule(model=TINY, grpo=GRPOSettings(num_generations=4, batch_size=10))
+
+
+def test_unknown_reward_name_is_refused():
+    with pytest.raises(ValueError, match="no_such_reward"):
+        GRPOModule(model=TINY, rewards=[RewardSpec("no_such_reward")])
+
+
+def test_optimizer_step_changes_lora_only(tmp_path):
+    import lightning as L
+
+    from lightning_tina.callbacks import RolloutCallback
+
+    m = _module()
+    before = {n: p.detach().clone() for n, p in m.policy.named_parameters()}
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        callbacks=[RolloutCallback(engine="hf", num_generations=4, sampling=SamplingConfig(max_new_tokens=24))],
+        default_root_dir=tmp_path, limit_val_batches=0,
+    )
+    trainer.fit(m, datamodule=ReasoningDataModule(tokenizer=TINY, prompts_per_step=2, val_source=None))
+    assert trainer.global_step == 2 and m.policy_version == 2
+    changed = {n for n, p in m.policy.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed, "no parameter moved"
+    assert all("lora_" in n for n in changed), sorted(changed)[:5]
+    assert any("lora_B" in n for n in changed)
