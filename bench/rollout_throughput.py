@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # colocated: engine core in this process
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_tina.rollout.base import SamplingConfig  # noqa: E402
 from lightning_tina.rollout.vllm import VLLMConfig, VLLMEngine  # noqa: E402
+from lightning_tina.rollout.vllm_worker import install_cpu_single_lora_fast_path  # noqa: E402
 
 TINY_DIR = Path(__file__).resolve().parents[1] / "data" / "tiny"
 # Random-weight shapes. tiny: the shape of the shipped data/tiny model (lightning_tina/tiny/build.py defaults);
@@ -106,10 +108,8 @@ def timed(fn, repeats: int) -> list[float]:
     return times
 
 
-def bench_hf(
-    policy: torch.nn.Module, prompts: list[list[int]], n: int, tokens: int, repeats: int
-) -> list[float]:
-    """Tokens/s of model.generate(do_sample, num_return_sequences=n), all prompts in one batch."""
+def hf_runner(policy: torch.nn.Module, prompts: list[list[int]], n: int, tokens: int) -> Callable[[], None]:
+    """One rollout with model.generate(do_sample, num_return_sequences=n), all prompts in one batch."""
     ids = torch.tensor(prompts, device=policy.device)  # [P, L] (equal-length prompts: no padding)
 
     def run() -> None:
@@ -126,39 +126,42 @@ def bench_hf(
                 min_new_tokens=tokens,
                 pad_token_id=0,
             )
-        assert out.shape == (len(prompts) * n, ids.shape[1] + tokens)
+        assert out.shape == (len(prompts) * n, ids.shape[1] + tokens)  # [P*n, L+T]
 
-    timed(run, 1)  # warm-up
-    return [len(prompts) * n * tokens / t for t in timed(run, repeats)]
+    return run
 
 
-def bench_vllm(
-    engine: VLLMEngine, policy: torch.nn.Module, prompts: list[list[int]], n: int, tokens: int, repeats: int
-) -> tuple[list[float], dict[str, dict[str, float]]]:
-    """Tokens/s of VLLMEngine.generate and the per-mode sync times (median snapshot and load seconds)."""
+def vllm_runner(
+    engine: VLLMEngine, prompts: list[list[int]], n: int, tokens: int, fast_path: bool
+) -> Callable[[], None]:
+    """One rollout with VLLMEngine.generate; fast_path switches the CPU single-adapter LoRA matmul."""
     sampling = SamplingConfig(max_new_tokens=tokens, temperature=1.0, seed=0)
-    engine.sync(policy, 0)
-    engine.generate(prompts, n, sampling)  # warm-up (engine start, first adapter)
 
     def run() -> None:
+        if not engine.on_gpu:
+            install_cpu_single_lora_fast_path(fast_path)
         gens = engine.generate(prompts, n, sampling)
         assert sum(len(g.token_ids) for g in gens) == len(prompts) * n * tokens
 
-    rates = [len(prompts) * n * tokens / t for t in timed(run, repeats)]
+    return run
+
+
+def sync_times(engine: VLLMEngine, policy: torch.nn.Module, repeats: int) -> dict[str, dict[str, float]]:
+    """Median seconds of `sync` (snapshot) and of loading the snapshot into vLLM, for each sync mode."""
     syncs: dict[str, dict[str, float]] = {}
     for mode in ("files", "tensors"):
         engine.config.sync_mode = mode
         snap, load = [], []
-        for version in range(1, 2 + repeats):
+        for version in range(1, 2 + repeats):  # the first is a warm-up
             start = time.perf_counter()
             engine.sync(policy, version)
             mid = time.perf_counter()
             engine._push_pending()  # what the next generate does first
             snap.append(mid - start)
             load.append(time.perf_counter() - mid)
-        syncs[mode] = {"snapshot_s": statistics.median(snap[1:]), "load_s": statistics.median(load[1:])}
-        syncs[mode]["total_s"] = syncs[mode]["snapshot_s"] + syncs[mode]["load_s"]
-    return rates, syncs
+        t = {"snapshot_s": statistics.median(snap[1:]), "load_s": statistics.median(load[1:])}
+        syncs[mode] = {**t, "total_s": t["snapshot_s"] + t["load_s"]}
+    return syncs
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -175,7 +178,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--lora-rank", type=int, default=32, help="Tina's main recipes use 32")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
-    parser.add_argument("--engines", default="vllm,hf", help="comma-separated subset of vllm,hf")
+    parser.add_argument(
+        "--engines",
+        default="vllm,hf",
+        help="comma-separated: vllm, vllm-plain (CPU: vLLM's own LoRA ops, without our fast path), hf",
+    )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     parser.add_argument("--kv-cache-gib", type=float, default=None, help="CPU KV-cache size")
     args = parser.parse_args(argv)
@@ -211,18 +218,39 @@ def main(argv: list[str] | None = None) -> dict:
         repeats=args.repeats,
     )
     engines = args.engines.split(",")
-    if "vllm" in engines:
-        max_len = args.prompt_len + args.new_tokens
-        config = VLLMConfig(max_model_len=max_len, kv_cache_gib=args.kv_cache_gib, ignore_eos=True)
+    unknown = set(engines) - {"vllm", "vllm-plain", "hf"}
+    if unknown or (torch.cuda.is_available() and "vllm-plain" in engines):
+        parser.error(f"--engines: use vllm, vllm-plain (CPU only) and hf; got {args.engines}")
+    runners: dict[str, Callable[[], None]] = {}
+    engine = None
+    if any(e.startswith("vllm") for e in engines):
+        config = VLLMConfig(
+            max_model_len=args.prompt_len + args.new_tokens, kv_cache_gib=args.kv_cache_gib, ignore_eos=True
+        )
         engine = VLLMEngine(model_path, dtype=dtype, max_lora_rank=args.lora_rank, config=config)
-        try:
-            rates, syncs = bench_vllm(engine, policy, prompts, args.n, args.new_tokens, args.repeats)
-        finally:
-            engine.close()
-        result.update(vllm_tokens_per_s=statistics.median(rates), vllm_runs=rates, sync=syncs)
+        engine.sync(policy, 0)
+        for name in ("vllm", "vllm-plain"):
+            if name in engines:
+                runners[name] = vllm_runner(
+                    engine, prompts, args.n, args.new_tokens, fast_path=name == "vllm"
+                )
     if "hf" in engines:
-        rates = bench_hf(policy, prompts, args.n, args.new_tokens, args.repeats)
-        result.update(hf_tokens_per_s=statistics.median(rates), hf_runs=rates)
+        runners["hf"] = hf_runner(policy, prompts, args.n, args.new_tokens)
+    try:
+        # Interleaved repeats, so that the load of this shared machine hits every engine alike.
+        rates: dict[str, list[float]] = {name: [] for name in runners}
+        for rep in range(args.repeats + 1):  # repeat 0 is a warm-up (engine start, first adapter)
+            for name, run in runners.items():
+                seconds = timed(run, 1)[0]
+                if rep:
+                    rates[name].append(args.prompts * args.n * args.new_tokens / seconds)
+        for name, runs in rates.items():
+            result[f"{name}_tokens_per_s"], result[f"{name}_runs"] = statistics.median(runs), runs
+        if engine is not None:
+            result["sync"] = sync_times(engine, policy, args.repeats)
+    finally:
+        if engine is not None:
+            engine.close()
     if tmp is not None:
         tmp.cleanup()
 
@@ -230,9 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"{result['model']} ({result['params'] / 1e6:.2f}M params, {dtype}, {result['device']}), "
         f"{args.prompts} prompts x {args.n} x {args.new_tokens} tokens, median of {args.repeats}"
     )
-    for name in ("vllm", "hf"):
+    for name in ("vllm", "vllm-plain", "hf"):
         if f"{name}_tokens_per_s" in result:
-            print(f"  {name:<6} {result[f'{name}_tokens_per_s']:>10.0f} tokens/s")
+            print(f"  {name:<10} {result[f'{name}_tokens_per_s']:>10.0f} tokens/s")
     for mode, t in result.get("sync", {}).items():
         print(
             f"  sync {mode:<8} {1e3 * t['total_s']:8.1f} ms (snapshot {1e3 * t['snapshot_s']:.1f} + load "

@@ -1,11 +1,13 @@
 """Lightning callbacks of lightning_tina (installed as the package `lightning_tina.callbacks`).
 
 rollout.RolloutCallback owns the rollout engine; benchmark.BenchmarkEval evaluates the policy during fit;
-adapter_checkpoint.AdapterCheckpoint saves the adapter in PEFT layout.
+adapter_checkpoint.AdapterCheckpoint saves the adapter in PEFT layout; resume.ResumeCheckpoint saves the full
+training state atomically (also on SIGTERM/SIGINT) for `fit --ckpt_path last`.
 """
 
 from lightning_tina.callbacks.adapter_checkpoint import AdapterCheckpoint
 from lightning_tina.callbacks.benchmark import BenchmarkEval
+from lightning_tina.callbacks.resume import ResumeCheckpoint
 from lightning_tina.callbacks.rollout import RolloutCallback
 
-__all__ = ["AdapterCheckpoint", "BenchmarkEval", "RolloutCallback"]
+__all__ = ["AdapterCheckpoint", "BenchmarkEval", "ResumeCheckpoint", "RolloutCallback"]

@@ -40,6 +40,7 @@ class RolloutCallback(L.Callback):
         self.engine: RolloutEngine | None = None
         self._synced_version = -1
         self._perf: dict[str, float] = {}
+        self._restored_rng: torch.Tensor | None = None  # applied right before the first rollout after a resume
         self._step_start: float | None = None
 
     # The module finds its engine through this registration.
@@ -93,6 +94,10 @@ class RolloutCallback(L.Callback):
         return make_rollouts(batch, gens, self.num_generations, pl_module.tokenizer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._restored_rng is not None:
+            # Restored here, not at load time: Lightning draws from the RNG when it builds the data iterator.
+            torch.set_rng_state(self._restored_rng)
+            self._restored_rng = None
         now = time.perf_counter()
         if self._step_start is not None:
             self._perf["perf/step_s"] = now - self._step_start
@@ -110,4 +115,9 @@ class RolloutCallback(L.Callback):
             self._synced_version = -1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sampling": asdict(self.sampling), "engine": self.engine_name}
+        # The sampling RNG at the end of the last step, so that a resumed run draws the same rollouts.
+        return {"sampling": asdict(self.sampling), "engine": self.engine_name, "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rng = state_dict.get("torch_rng")
+        self._restored_rng = rng.clone() if isinstance(rng, torch.Tensor) else None

@@ -95,6 +95,7 @@ class ReasoningDataModule(L.LightningDataModule):
         self.epoch = 0  # position in the stream: epoch and raw rows read in it (checkpointed)
         self.rows_in_epoch = 0
         self.skipped: Counter[str] = Counter()  # rows dropped, by reason ("too_long", RowError kinds)
+        self.consumed: dict[str, int] | None = None  # position after the last batch handed to training_step
 
     # ---- set-up --------------------------------------------------------------------------------------------------
 
@@ -176,7 +177,16 @@ class ReasoningDataModule(L.LightningDataModule):
 
     def _collate(self, items: list[tuple[list[int], dict[str, Any]]]) -> PromptBatch:
         ids = [i for i, _ in items]
-        return PromptBatch(prompt_ids=ids, prompts=[self.tokenizer.decode(i) for i in ids], rows=[r for _, r in items])
+        position = {"epoch": self.epoch, "rows_in_epoch": self.rows_in_epoch}  # the stream has just read this batch
+        return PromptBatch(
+            prompt_ids=ids, prompts=[self.tokenizer.decode(i) for i in ids], rows=[r for _, r in items], position=position
+        )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning reads one batch ahead; the position to resume from is the one after the batch being trained on.
+        if isinstance(batch, PromptBatch) and batch.position is not None and self.trainer and self.trainer.training:
+            self.consumed = dict(batch.position)
+        return batch
 
     # ---- loaders -------------------------------------------------------------------------------------------------
 
@@ -195,7 +205,8 @@ class ReasoningDataModule(L.LightningDataModule):
     # ---- resume --------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "rows_in_epoch": self.rows_in_epoch, "skipped": dict(self.skipped)}
+        pos = self.consumed or {"epoch": self.epoch, "rows_in_epoch": self.rows_in_epoch}
+        return {**pos, "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state.get("epoch", 0))

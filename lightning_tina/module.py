@@ -311,8 +311,11 @@ class GRPOModule(L.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
         for reason, count in getattr(datamodule, "skipped", {}).items():
             metrics[f"data/skipped_{reason}"] = float(count)  # dropped rows: too long, or bad by kind
-        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()}, on_step=True)
-        self.log("reward", scores.total.mean(), prog_bar=True, on_step=True, logger=False)
+        sync = self.trainer.world_size > 1  # mean over ranks
+        self.log_dict(
+            {k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()}, on_step=True, sync_dist=sync
+        )
+        self.log("reward", scores.total.mean(), prog_bar=True, on_step=True, logger=False, sync_dist=sync)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ class PromptBatch(NamedTuple):
     prompt_ids: list[list[int]]  # B lists of prompt token ids, unpadded, chat template applied
     prompts: list[str]  # B rendered prompt strings (what the token ids decode to)
     rows: list[dict[str, Any]]  # B normalized dataset rows: at least "problem" and "solution"
+    position: dict[str, int] | None = None  # the stream position right after this batch (for exact resume)
 
 
 class Generation(NamedTuple):

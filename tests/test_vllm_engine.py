@@ -150,13 +150,18 @@ def _gap(
 
 @pytest.mark.vllm
 @requires_vllm
-@pytest.mark.parametrize("sync_mode", ["files", "tensors"])
-def test_freshness_with_and_without_sync(tiny_model: Path, sync_mode: str) -> None:
+@pytest.mark.parametrize(
+    "sync_mode, fast_path",
+    [("files", True), ("tensors", True), ("tensors", False)],
+    ids=["files", "tensors", "tensors-vllm-lora-ops"],
+)
+def test_freshness_with_and_without_sync(tiny_model: Path, sync_mode: str, fast_path: bool) -> None:
+    """fast_path=False checks vLLM's own CPU LoRA ops; True checks our single-adapter matmul (vllm_worker.py)."""
     prompts, n = _prompts(tiny_model), 4
     sampling = SamplingConfig(max_new_tokens=12, temperature=TEMPERATURE)
     policy = _policy(tiny_model)
     opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=0.05)
-    engine = _engine(tiny_model, sync_mode=sync_mode)
+    engine = _engine(tiny_model, sync_mode=sync_mode, cpu_lora_fast_path=fast_path)
     try:
         engine.sync(policy, 0)
         gens = engine.generate(prompts, n, sampling)
@@ -179,7 +184,7 @@ def test_freshness_with_and_without_sync(tiny_model: Path, sync_mode: str) -> No
             gens = engine.generate(prompts, n, sampling)
             mean, worst = _gap(policy, prompts, gens, n)
             print(
-                f"{sync_mode} step {step}: fresh mean {mean:.2e} max {worst:.2e}; stale mean {stale_mean:.2e}"
+                f"{sync_mode} fast={fast_path} step {step}: fresh mean {mean:.2e} max {worst:.2e}; stale mean {stale_mean:.2e}"
             )
             assert mean <= MEAN_TOL and worst <= MAX_TOL, f"step {step}: mean {mean:.2e}, max {worst:.2e}"
         assert len(engine.served_adapter_ids()) == 1  # old versions released

@@ -122,7 +122,7 @@ def normalize_answer(answer: str) -> str:
       number), a command as subscript (``M_{\\odot}``), and NumPy-style code (``np.arcsin(x)``);
     * a trailing full stop is dropped.
     """
-    s = unwrap_math(answer)
+    s = unwrap_math(answer.strip().removesuffix(".").rstrip())
     s = _TEXT_NUMBER_RE.sub(lambda m: m.group(1), s)
     s = _E_NOTATION_RE.sub(lambda m: f"{m.group(1)}\\times 10^{{{m.group(2)}}}", s)
     s = _E_SUBSCRIPT_RE.sub(r"\\mathcal{E}", s)

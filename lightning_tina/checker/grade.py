@@ -166,6 +166,19 @@ def _strict_gold_answer(gold: str, mode: str) -> str:
     return gold.strip()
 
 
+def parse_gold(gold: str, mode: str, strict: bool = True) -> tuple[Any, ...]:
+    """The gold answer as the checker reads it (sympy objects, or letters in "letter" mode); () if it does not parse.
+
+    In-process and without a time limit: meant for dataset checks, not for untrusted text.
+    """
+    if mode == "letter":
+        letter = gold.strip().upper() if strict else extract_letter_tina(gold)
+        return (letter,) if letter and len(letter) == 1 and letter.isalpha() else ()
+    if strict:
+        return parse_answer(_strict_gold_answer(gold, mode))
+    return _tina_gold(gold, mode)
+
+
 def _grade_strict_math(completion: str, gold: str, mode: str) -> GradeResult:
     mv, _, _ = _mv()
     gold_answer = _strict_gold_answer(gold, mode)

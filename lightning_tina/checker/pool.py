@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 STARTUP_TIMEOUT_S = 120.0  # a worker that cannot import math-verify in this time means a broken environment
-DEFAULT_MEMORY_LIMIT_MB = 3072  # address-space cap of one worker process
+MAX_START_FAILURES = 3  # consecutive start failures before check() gives up with an error
+DEFAULT_MEMORY_LIMIT_MB = 2048  # address-space cap of one worker (an idle one maps ~140 MB)
 _WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
 
 Job = tuple[str, str, str, bool, str]  # (completion, gold, mode, strict, letters)
@@ -90,6 +91,7 @@ class CheckerPool:
         self._cond = threading.Condition()
         self._spare: _Worker | None = None  # started after the first restart, so later restarts cost nothing
         self.restarts = 0  # workers killed and replaced after a timeout or a crash
+        self._start_failures = 0  # consecutive workers that died before saying "ready"
         self.pid = os.getpid()  # a forked child must not talk to its parent's workers
 
     def _acquire(self, wanted: int) -> list[_Worker]:
@@ -97,6 +99,13 @@ class CheckerPool:
         with self._cond:
             while not self._idle and self._total >= self.max_workers:
                 self._cond.wait()
+            for w in self._idle:  # notice workers that finished starting while idle, and use them first
+                if not w.ready and w.results.poll(0):
+                    try:
+                        w.ready = w.results.recv() == "ready"
+                    except (EOFError, OSError):
+                        pass  # died while starting: run() reports it
+            self._idle.sort(key=lambda w: not w.ready)
             taken = self._idle[:wanted]
             del self._idle[: len(taken)]
             while len(taken) < wanted and self._total < self.max_workers:
@@ -127,44 +136,25 @@ class CheckerPool:
         busy: dict[int, tuple[int, float]] = {}  # team index -> (job index, deadline)
         try:
             while pending or busy:
-                for k, w in enumerate(team):
-                    if w.ready and k not in busy and pending:
-                        i = pending.popleft()
-                        w.jobs.send(jobs[i])
-                        busy[k] = (i, time.monotonic() + timeout_s)
+                self._dispatch(team, jobs, pending, busy, timeout_s)
                 waiting = [k for k, w in enumerate(team) if k in busy or not w.ready]
                 deadlines = [
                     busy[k][1] if k in busy else team[k].started + STARTUP_TIMEOUT_S for k in waiting
                 ]
-                delay = max(0.0, min(deadlines) - time.monotonic())
-                ready_conns = set(wait([team[k].results for k in waiting], timeout=delay))
+                readable = set(
+                    wait([team[k].results for k in waiting], max(0.0, min(deadlines) - time.monotonic()))
+                )
                 now = time.monotonic()
                 for k, deadline in zip(waiting, deadlines, strict=True):
-                    w = team[k]
-                    if w.results in ready_conns:
-                        try:
-                            message = w.results.recv()
-                        except (EOFError, OSError):  # the worker died (killed by the OS, crashed)
-                            message = "died"
-                        if message == "ready":
-                            w.ready = True
-                        elif message == "died":
-                            if k in busy:
-                                results[busy.pop(k)[0]] = (False, None, "error")
-                            elif not w.ready:
-                                raise RuntimeError(
-                                    f"checker worker failed to start (exit code {w.proc.poll()})"
-                                )
-                            team[k] = self._replace(w)
-                        else:
-                            results[busy.pop(k)[0]] = message
+                    if team[k].results in readable:
+                        self._receive(team, k, busy, results)
                     elif now >= deadline:
                         if k not in busy:
                             raise RuntimeError(
                                 f"checker worker did not start within {STARTUP_TIMEOUT_S:.0f} s"
                             )
                         results[busy.pop(k)[0]] = (False, None, "timeout")
-                        team[k] = self._replace(w)
+                        team[k] = self._replace(team[k])
         except BaseException:
             for w in team:  # workers in an unknown state (mid-job, half-read pipe) must not be reused
                 w.kill()
@@ -174,6 +164,49 @@ class CheckerPool:
             raise
         self._release(team)
         return results
+
+    def _dispatch(
+        self,
+        team: list[_Worker],
+        jobs: Sequence[Job],
+        pending: deque[int],
+        busy: dict[int, tuple[int, float]],
+        timeout_s: float,
+    ) -> None:
+        """Send the next pending job to every ready, free worker and start its clock."""
+        for k, w in enumerate(team):
+            if w.ready and k not in busy and pending:
+                i = pending.popleft()
+                try:
+                    w.jobs.send(jobs[i])
+                except OSError:  # it died while idle (OOM killer, a stray signal): replace it, retry the job
+                    pending.appendleft(i)
+                    team[k] = self._replace(w)
+                    continue
+                busy[k] = (i, time.monotonic() + timeout_s)
+
+    def _receive(
+        self, team: list[_Worker], k: int, busy: dict[int, tuple[int, float]], results: list[Any]
+    ) -> None:
+        """Handle what worker ``k`` sent: "ready", a result, or end-of-file because it died."""
+        w = team[k]
+        try:
+            message = w.results.recv()
+        except (EOFError, OSError):
+            message = None
+        if message == "ready":
+            w.ready = True
+            self._start_failures = 0
+        elif message is not None:
+            results[busy.pop(k)[0]] = message
+        else:
+            if k in busy:  # died mid-job (killed by the OS, crashed in C code): scored wrong
+                results[busy.pop(k)[0]] = (False, None, "error")
+            elif not w.ready:
+                self._start_failures += 1
+                if self._start_failures > MAX_START_FAILURES:
+                    raise RuntimeError(f"checker workers keep dying at start (exit code {w.proc.poll()})")
+            team[k] = self._replace(w)
 
     def close(self) -> None:
         """Stop all idle workers (busy ones are stopped by their callers)."""

@@ -42,6 +42,8 @@ class BuildConfig:
     """Seeds the problem stream, the injected errors, the initialisation and the evaluation samples."""
     error_rate: float = 0.45
     """Probability that a step of an SFT trace is wrong (off by 1-2), making the base deliberately imperfect."""
+    clean_fraction: float = 0.6
+    """Share of the first SFT steps trained on error-free traces (learning the arithmetic) before errors start."""
     steps: int = 1500
     """Optimizer steps of SFT."""
     batch_size: int = 32
@@ -176,6 +178,7 @@ def train(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, cfg: BuildConfi
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
+    clean_steps = round(cfg.clean_fraction * cfg.steps)
     model.train()
     losses: list[float] = []
     running = 0.0
@@ -184,7 +187,11 @@ def train(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, cfg: BuildConfi
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         rows = [next(stream) for _ in range(cfg.batch_size)]
-        ids, mask, lab = sft_batch(tok, rows, rng, cfg.error_rate)
+        if step == clean_steps:
+            print(f"greedy held-out accuracy after clean SFT: {greedy_accuracy(model, tok, cfg.eval_problems):.4f}")
+            model.train()
+        error_rate = 0.0 if step < clean_steps else cfg.error_rate
+        ids, mask, lab = sft_batch(tok, rows, rng, error_rate)
         loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -220,14 +227,38 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def _generate(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, prompts: list[str], **kwargs: object) -> list[str]:
+    """Completions of left-padded ``prompts`` (special tokens removed)."""
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(
+        **enc, max_new_tokens=96, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kwargs
+    )  # [len(prompts), P + C]
+    return tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def greedy_accuracy(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, n_problems: int) -> float:
+    """Share of the first ``n_problems`` held-out problems solved by greedy decoding (what the model *knows*)."""
+    model.eval()
+    rows = heldout_rows(n_problems)
+    texts = _generate(model, tok, [prompt_text(tok, r["problem"]) for r in rows], do_sample=False)
+    return sum(boxed_int(t) == int(r["answer"]) for t, r in zip(texts, rows)) / n_problems
+
+
 @torch.no_grad()
 def evaluate(
-    model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, n_problems: int, n_samples: int, seed: int, chunk: int = 512
-) -> dict[str, float]:
+    model: Qwen2ForCausalLM,
+    tok: PreTrainedTokenizerBase,
+    n_problems: int,
+    n_samples: int,
+    seed: int,
+    chunk: int = 512,
+) -> tuple[dict[str, float], list[str]]:
     """Held-out pass@1 (mean over samples), pass@n and format rate under the fixed evaluation protocol.
 
     Protocol: chat-template prompts, ``do_sample=True, temperature=0.6, top_p=0.95, max_new_tokens=96``,
-    ``n_samples`` per problem; a sample is correct when the last boxed integer equals the answer.
+    ``n_samples`` per problem; a sample is correct when the last boxed integer equals the answer. Returns the
+    metrics and the sampled completions (problem-major).
     """
     model.eval()
     torch.manual_seed(seed)
@@ -235,29 +266,16 @@ def evaluate(
     prompts = [prompt_text(tok, r["problem"]) for r in rows for _ in range(n_samples)]
     texts: list[str] = []
     for i in range(0, len(prompts), chunk):
-        enc = tok(prompts[i : i + chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(
-            **enc,
-            do_sample=True,
-            temperature=0.6,
-            top_p=0.95,
-            max_new_tokens=96,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )  # [chunk, P + C]
-        texts += tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    enc = tok([prompt_text(tok, r["problem"]) for r in rows], return_tensors="pt", padding=True)
-    out = model.generate(**enc, do_sample=False, max_new_tokens=96, pad_token_id=tok.pad_token_id)  # [n, P + C]
-    greedy = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        texts += _generate(model, tok, prompts[i : i + chunk], do_sample=True, temperature=0.6, top_p=0.95)
     correct = [boxed_int(t) == int(rows[j // n_samples]["answer"]) for j, t in enumerate(texts)]
     counts = [sum(correct[p * n_samples : (p + 1) * n_samples]) for p in range(n_problems)]
-    return {
+    metrics = {
         "pass@1": sum(pass_at_k(n_samples, c, 1) for c in counts) / n_problems,
         f"pass@{n_samples}": sum(pass_at_k(n_samples, c, n_samples) for c in counts) / n_problems,
         "format": sum(well_formed(t) for t in texts) / len(texts),
-        "greedy": sum(boxed_int(t) == int(r["answer"]) for t, r in zip(greedy, rows)) / n_problems,
-        "example": texts[0],
+        "greedy": greedy_accuracy(model, tok, n_problems),
     }
+    return metrics, texts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -279,9 +297,9 @@ def main(argv: list[str] | None = None) -> None:
     losses = train(model, tok, cfg)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
-    metrics = evaluate(model, tok, cfg.eval_problems, cfg.eval_samples, cfg.seed)
+    metrics, texts = evaluate(model, tok, cfg.eval_problems, cfg.eval_samples, cfg.seed)
     eval_s = time.perf_counter() - start
-    print(f"example completion:\n{metrics.pop('example')}")
+    print(f"example completion:\n{texts[0]}")
     print(f"train {train_s:.0f}s  eval {eval_s:.0f}s  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     args.out.mkdir(parents=True, exist_ok=True)
     model.generation_config.update(

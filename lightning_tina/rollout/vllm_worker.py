@@ -1,0 +1,171 @@
+"""Code that runs inside vLLM 0.32's worker: in-memory adapter loading and a faster CPU path for one adapter.
+
+Both reach into vLLM internals (the worker's LoRA manager, the CPU punica ops), so both are small, checked by the
+freshness test (tests/test_vllm_engine.py) against the PEFT policy, and fall back to vLLM's own code otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def add_lora_from_tensors(worker: Any, lora_id: int, tensors: dict[str, Tensor], cfg: dict) -> None:
+    """Register an adapter built from in-memory tensors under `lora_id` (called through `LLM.collective_rpc`).
+
+    Mirrors what vLLM does for a path (PEFTHelper validation, then LoRAModel.from_lora_tensors) and adds the
+    module-name check that vLLM performs only for files, so a target module vLLM has no LoRA layer for is an
+    error instead of being silently dropped.
+    """
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+    from vllm.lora.utils import parse_fine_tuned_lora_name
+
+    manager = worker.model_runner.lora_manager
+    adapters = manager._adapter_manager
+    helper = PEFTHelper.from_dict({**cfg, "vllm_max_position_embeddings": manager.max_position_embeddings})
+    helper.validate_legal(manager.lora_config)
+    expected: set[str] = set()
+    for module in adapters.supported_lora_modules:
+        expected.update(adapters.packed_modules_mapping.get(module, [module]))
+    modules = {parse_fine_tuned_lora_name(k)[0] for k in tensors}
+    unknown = sorted(m for m in modules if m.rsplit(".", 1)[-1] not in expected)
+    if unknown:
+        raise ValueError(f"sync: vLLM has no LoRA layer for {unknown[:4]}; target only {sorted(expected)}.")
+    lora = LoRAModel.from_lora_tensors(
+        lora_model_id=lora_id,
+        tensors=tensors,
+        peft_helper=helper,
+        device="cpu",
+        dtype=manager.lora_config.lora_dtype,
+        model_vocab_size=manager.vocab_size,
+    )
+    adapters.add_adapter(lora)
+
+
+_FAST_PATH = {"on": False}  # read on every call, so an engine started with the fast path off runs vLLM's code
+
+
+def install_cpu_single_lora_fast_path(enabled: bool = True) -> bool:
+    """Speed up vLLM's CPU LoRA ops when every token of a batch uses the same adapter (always true here).
+
+    vLLM's CPU ops gather one copy of the adapter matrix per token ([T, r, in] / [T, out, r]) and multiply with a
+    batched einsum; with a single adapter that is a plain matmul, y = x @ W^T. Batches that mix adapters (or have
+    tokens without one, index -1) go to vLLM's original functions, and so does every batch after a call with
+    `enabled=False`. Returns whether the fast path is on (False also when vLLM's module does not look as
+    expected; then nothing is patched).
+    """
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    names = (
+        "bgmv_shrink",
+        "bgmv_expand",
+        "bgmv_expand_slice",
+        "sgmv_shrink",
+        "sgmv_expand",
+        "sgmv_expand_slice",
+    )
+    _FAST_PATH["on"] = False
+    if getattr(punica_cpu, "_tina_fast_path", False):
+        _FAST_PATH["on"] = enabled
+        return enabled
+    if not enabled or not all(callable(getattr(punica_cpu, n, None)) for n in names):
+        return False
+    orig = {n: getattr(punica_cpu, n) for n in names}
+
+    def single(indices: Tensor, weights: Tensor) -> Tensor | None:
+        """The one adapter's matrix [out, in] when all tokens use the same adapter slot, else None."""
+        if (
+            not _FAST_PATH["on"]
+            or indices.numel() == 0
+            or int(indices[0]) < 0
+            or not bool((indices == indices[0]).all())
+        ):
+            return None
+        w = weights[int(indices[0])]  # [1, out, in] or [out, in]
+        return w.squeeze(0) if w.dim() == 3 else w
+
+    def bgmv_shrink(x: Tensor, w_all: Tensor, out: Tensor, idx: Tensor, scaling: float = 1.0) -> None:
+        w = single(idx, w_all)
+        if w is None:
+            return orig["bgmv_shrink"](x, w_all, out, idx, scaling)
+        y = x.to(out.dtype) @ w.to(out.dtype).T  # [T, r]
+        out[:, : y.shape[1]] = scaling * y
+
+    def bgmv_expand(x: Tensor, w_all: Tensor, out: Tensor, idx: Tensor, add_inputs: bool = True) -> None:
+        w = single(idx, w_all)
+        if w is None:
+            return orig["bgmv_expand"](x, w_all, out, idx, add_inputs)
+        y = x.to(out.dtype) @ w.to(out.dtype).T  # [T, out]
+        limit = 1 if y.shape[0] == 1 and out.shape[0] != 1 else out.shape[0]  # as vLLM's bgmv_expand
+        width = min(y.shape[1], out.shape[1])
+        if add_inputs:
+            out[:, :width] += y[:limit, :width]
+        else:
+            out[:, :width] = y[:limit, :width]
+
+    def bgmv_expand_slice(
+        x: Tensor, w_all: Tensor, out: Tensor, idx: Tensor, offset: int, size: int, add_inputs: bool = True
+    ) -> None:
+        w = single(idx, w_all)
+        if w is None:
+            return orig["bgmv_expand_slice"](x, w_all, out, idx, offset, size, add_inputs)
+        y = x.to(out.dtype) @ w.to(out.dtype).T  # [T, size]
+        if add_inputs:
+            out[:, offset : offset + size] += y
+        else:
+            out[:, offset : offset + size] = y
+
+    # The prefill (sgmv) variants give one adapter index per sequence; expand it to one per token.
+    def sgmv_shrink(
+        x: Tensor,
+        w_all: Tensor,
+        out: Tensor,
+        starts: Tensor,
+        lens: Tensor,
+        idx: Tensor,
+        batches: int,
+        max_len: int,
+        tokens: int,
+        scaling: float,
+    ) -> None:
+        bgmv_shrink(x, w_all, out, torch.repeat_interleave(idx, lens), scaling)
+
+    def sgmv_expand(
+        x: Tensor,
+        w_all: Tensor,
+        out: Tensor,
+        starts: Tensor,
+        lens: Tensor,
+        idx: Tensor,
+        batches: int,
+        max_len: int,
+        tokens: int,
+        add: bool = False,
+    ) -> None:
+        bgmv_expand(x, w_all, out, torch.repeat_interleave(idx, lens), add)
+
+    def sgmv_expand_slice(
+        x: Tensor,
+        w_all: Tensor,
+        out: Tensor,
+        starts: Tensor,
+        lens: Tensor,
+        idx: Tensor,
+        batches: int,
+        max_len: int,
+        tokens: int,
+        offset: int,
+        size: int,
+        add: bool = False,
+    ) -> None:
+        bgmv_expand_slice(x, w_all, out, torch.repeat_interleave(idx, lens), offset, size, add)
+
+    fast = (bgmv_shrink, bgmv_expand, bgmv_expand_slice, sgmv_shrink, sgmv_expand, sgmv_expand_slice)
+    for name, fn in zip(names, fast, strict=True):
+        setattr(punica_cpu, name, fn)
+    punica_cpu._tina_fast_path = True
+    _FAST_PATH["on"] = True
+    return True
