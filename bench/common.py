@@ -174,10 +174,15 @@ def sync_device() -> None:
 
 
 class PhaseTimer:
-    """Accumulates wall seconds (and, on GPU, the allocator peak) per named phase of one step."""
+    """Accumulates wall seconds, process CPU seconds and (on GPU) the allocator peak per named phase of one step.
+
+    CPU seconds count only this process's own work, so on a shared machine they vary much less than wall seconds
+    (with one thread they equal the wall time the phase would take on an idle core).
+    """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
         self.peak_bytes: dict[str, int] = {}
 
     @contextmanager
@@ -188,12 +193,13 @@ class PhaseTimer:
         sync_device()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             sync_device()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu_start
             if torch.cuda.is_available():
                 peak = torch.cuda.max_memory_allocated()
                 self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), peak)

@@ -1,8 +1,9 @@
 """Rollout throughput: the colocated vLLM engine against plain Hugging Face `generate`, and the adapter sync time.
 
 Both engines sample P prompts x n completions of exactly T new tokens (EOS ignored) from the same PEFT LoRA policy
-(adapter not merged) and report completion tokens per second, the median over repeats after one warm-up. The sync
-time is `VLLMEngine.sync` (snapshot of the adapter) plus loading it into vLLM, for each sync mode.
+(adapter not merged) and report completion tokens per wall second and per CPU second of this process (steadier on
+a shared machine), medians over interleaved repeats after one warm-up. The sync time is `VLLMEngine.sync`
+(snapshot of the adapter) plus loading it into vLLM, for each sync mode.
 
     python bench/rollout_throughput.py                         # data/tiny if present, else a random tiny Qwen2
     python bench/rollout_throughput.py --config-from qwen1.5b  # 1.5B-shaped random Qwen2 (for a GPU)
@@ -62,12 +63,15 @@ PRESETS: dict[str, dict] = {
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build_random_qwen2(preset: str, out: Path, dtype: torch.dtype) -> None:
-    """Save a random-weight Qwen2 of the given shape and a word-level tokenizer covering its whole vocabulary."""
+def build_random_qwen2(preset: str, out: Path, dtype: torch.dtype, layers: int | None = None) -> None:
+    """Save a random-weight Qwen2 of the given shape (optionally fewer layers, for smoke tests) and a word-level
+    tokenizer covering its whole vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    shape = PRESETS[preset]
+    shape = dict(PRESETS[preset])
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
     vocab = {f"t{i}": i for i in range(shape["vocab_size"])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -96,16 +100,14 @@ def lora_policy(model_path: str, rank: int, dtype: torch.dtype) -> torch.nn.Modu
     return policy.eval()
 
 
-def timed(fn, repeats: int) -> list[float]:
-    """Wall seconds of `repeats` calls of fn()."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+def timed(fn: Callable[[], None]) -> tuple[float, float]:
+    """Wall and CPU seconds of one call of fn(). CPU time (all threads of this process) is what to compare on a
+    shared machine: other people's load stretches wall time, not this process's CPU time."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def hf_runner(policy: torch.nn.Module, prompts: list[list[int]], n: int, tokens: int) -> Callable[[], None]:
@@ -153,6 +155,7 @@ def sync_times(engine: VLLMEngine, policy: torch.nn.Module, repeats: int) -> dic
         engine.config.sync_mode = mode
         snap, load = [], []
         for version in range(1, 2 + repeats):  # the first is a warm-up
+            engine._wake()  # GPU sleep mode: waking is part of every rollout, not of the sync
             start = time.perf_counter()
             engine.sync(policy, version)
             mid = time.perf_counter()
@@ -171,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--model", help="model folder (default: data/tiny if present, else --config-from tiny)"
     )
     parser.add_argument("--config-from", choices=sorted(PRESETS), help="build a random Qwen2 of this shape")
+    parser.add_argument("--layers", type=int, help="override the preset's layer count (smoke tests)")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--n", type=int, default=8, help="generations per prompt")
     parser.add_argument("--new-tokens", type=int, default=64, help="forced completion length")
@@ -185,6 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     parser.add_argument("--kv-cache-gib", type=float, default=None, help="CPU KV-cache size")
+    parser.add_argument(
+        "--no-sleep", action="store_true", help="GPU: keep vLLM awake (default: sleep between rollouts)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -196,8 +203,12 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         preset = args.config_from or "tiny"
         tmp = tempfile.TemporaryDirectory(prefix=f"random-{preset}-")
-        model_path, source = tmp.name, f"random {preset}"
-        build_random_qwen2(preset, Path(tmp.name), torch.bfloat16 if preset == "qwen1.5b" else torch.float32)
+        model_path, source = (
+            tmp.name,
+            f"random {preset}" + (f" ({args.layers} layers)" if args.layers else ""),
+        )
+        weights_dtype = torch.bfloat16 if preset == "qwen1.5b" else torch.float32
+        build_random_qwen2(preset, Path(tmp.name), weights_dtype, args.layers)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
     torch_dtype = getattr(torch, dtype)
     policy = lora_policy(model_path, args.lora_rank, torch_dtype)
@@ -225,7 +236,10 @@ def main(argv: list[str] | None = None) -> dict:
     engine = None
     if any(e.startswith("vllm") for e in engines):
         config = VLLMConfig(
-            max_model_len=args.prompt_len + args.new_tokens, kv_cache_gib=args.kv_cache_gib, ignore_eos=True
+            max_model_len=args.prompt_len + args.new_tokens,
+            kv_cache_gib=args.kv_cache_gib,
+            enable_sleep_mode=False if args.no_sleep else None,
+            ignore_eos=True,
         )
         engine = VLLMEngine(model_path, dtype=dtype, max_lora_rank=args.lora_rank, config=config)
         engine.sync(policy, 0)
@@ -238,14 +252,17 @@ def main(argv: list[str] | None = None) -> dict:
         runners["hf"] = hf_runner(policy, prompts, args.n, args.new_tokens)
     try:
         # Interleaved repeats, so that the load of this shared machine hits every engine alike.
-        rates: dict[str, list[float]] = {name: [] for name in runners}
+        tokens = args.prompts * args.n * args.new_tokens
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
         for rep in range(args.repeats + 1):  # repeat 0 is a warm-up (engine start, first adapter)
             for name, run in runners.items():
-                seconds = timed(run, 1)[0]
+                wall, cpu = timed(run)
                 if rep:
-                    rates[name].append(args.prompts * args.n * args.new_tokens / seconds)
-        for name, runs in rates.items():
-            result[f"{name}_tokens_per_s"], result[f"{name}_runs"] = statistics.median(runs), runs
+                    runs[name].append((tokens / wall, tokens / cpu))
+        for name, rates in runs.items():
+            result[f"{name}_tokens_per_s"] = statistics.median(r[0] for r in rates)
+            result[f"{name}_tokens_per_cpu_s"] = statistics.median(r[1] for r in rates)
+            result[f"{name}_runs"] = [round(r[0]) for r in rates]
         if engine is not None:
             result["sync"] = sync_times(engine, policy, args.repeats)
     finally:
@@ -260,7 +277,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     for name in ("vllm", "vllm-plain", "hf"):
         if f"{name}_tokens_per_s" in result:
-            print(f"  {name:<10} {result[f'{name}_tokens_per_s']:>10.0f} tokens/s")
+            print(
+                f"  {name:<10} {result[f'{name}_tokens_per_s']:>8.0f} tokens/s wall "
+                f"{result[f'{name}_tokens_per_cpu_s']:>8.0f} tokens/CPU-s"
+            )
     for mode, t in result.get("sync", {}).items():
         print(
             f"  sync {mode:<8} {1e3 * t['total_s']:8.1f} ms (snapshot {1e3 * t['snapshot_s']:.1f} + load "

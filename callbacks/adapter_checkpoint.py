@@ -56,7 +56,9 @@ class AdapterCheckpoint(Checkpoint):
     def _root(self, trainer: L.Trainer) -> Path:
         if self.dirpath:
             return Path(self.dirpath)
-        base = trainer.logger.log_dir if trainer.logger and trainer.logger.log_dir else trainer.default_root_dir
+        base = (
+            trainer.logger.log_dir if trainer.logger and trainer.logger.log_dir else trainer.default_root_dir
+        )
         return Path(base) / "adapters"
 
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
@@ -71,7 +73,12 @@ class AdapterCheckpoint(Checkpoint):
             pl_module.policy.save_pretrained(tmp)
             pl_module.tokenizer.save_pretrained(tmp)
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-            meta = {"step": step, "base_model": pl_module.model_name, "metrics": metrics, "config": dict(pl_module.hparams)}
+            meta = {
+                "step": step,
+                "base_model": pl_module.model_name,
+                "metrics": metrics,
+                "config": dict(pl_module.hparams),
+            }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
             if final.exists():
                 shutil.rmtree(final)

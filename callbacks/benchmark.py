@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
+
 import lightning as L
 import torch
 from rich.console import Console
@@ -13,7 +14,6 @@ from rich.table import Table
 from lightning_tina.benchmarks import Benchmark, load_benchmarks
 from lightning_tina.evaluate import EvalResult, evaluate, write_results
 from lightning_tina.rollout.base import SamplingConfig
-
 
 _TINA_EVAL_SAMPLING = SamplingConfig(max_new_tokens=96, temperature=0.6, top_p=0.95, seed=0)
 """Tina's evaluation protocol (temperature 0.6, top_p 0.95) with completions short enough for the tiny model."""
@@ -70,7 +70,9 @@ class BenchmarkEval(L.Callback):
         """Evaluate now and log at the current step. The training RNG stream is left untouched."""
         rollout = getattr(pl_module, "rollout", None)
         if rollout is None:
-            raise RuntimeError("BenchmarkEval needs lightning_tina.callbacks.RolloutCallback (the `rollout:` section)")
+            raise RuntimeError(
+                "BenchmarkEval needs lightning_tina.callbacks.RolloutCallback (the `rollout:` section)"
+            )
         engine = rollout.current_engine(pl_module)
         with torch.random.fork_rng(devices=[]):
             result = evaluate(engine, pl_module.tokenizer, self._load(), self.sampling, self.k, self.strict)

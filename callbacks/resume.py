@@ -87,7 +87,9 @@ class ResumeCheckpoint(ModelCheckpoint):
             path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
             self._save_checkpoint(trainer, path)
             trainer.should_stop = True  # SIGINT; on SIGTERM Lightning itself stops right after this hook
-            print(f"lightning_tina: interrupted; saved {path}; continue with `fit --ckpt_path last`", flush=True)
+            print(
+                f"lightning_tina: interrupted; saved {path}; continue with `fit --ckpt_path last`", flush=True
+            )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous_sigint is not None:

@@ -40,7 +40,9 @@ class RolloutCallback(L.Callback):
         self.engine: RolloutEngine | None = None
         self._synced_version = -1
         self._perf: dict[str, float] = {}
-        self._restored_rng: torch.Tensor | None = None  # applied right before the first rollout after a resume
+        self._restored_rng: torch.Tensor | None = (
+            None  # applied right before the first rollout after a resume
+        )
         self._step_start: float | None = None
 
     # The module finds its engine through this registration.
@@ -116,7 +118,11 @@ class RolloutCallback(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # The sampling RNG at the end of the last step, so that a resumed run draws the same rollouts.
-        return {"sampling": asdict(self.sampling), "engine": self.engine_name, "torch_rng": torch.get_rng_state()}
+        return {
+            "sampling": asdict(self.sampling),
+            "engine": self.engine_name,
+            "torch_rng": torch.get_rng_state(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         rng = state_dict.get("torch_rng")

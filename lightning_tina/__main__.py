@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_tina.callbacks.rollout import RolloutCallback
@@ -28,6 +30,30 @@ class TinaCLI(LightningCLI):
         parser.link_arguments(
             ("model.grpo.batch_size", "model.grpo.num_generations"), "data.prompts_per_step", prompts_per_step
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters (they take precedence over the config) before any
+        # hook runs: check the file first so that a bad path or a truncated file gets a message that names it.
+        if self.config.get("subcommand"):
+            self._check_ckpt_path(self.config.subcommand)
+        super()._parse_ckpt_path()
+
+    def _check_ckpt_path(self, subcommand: str) -> None:
+        """A missing or truncated --ckpt_path fails here with its name, not deep inside torch.load."""
+        path = self.config[subcommand].get("ckpt_path")
+        if not path or path in ("last", "best", "hpc", "registry"):
+            return
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"--ckpt_path {path}: no such file; give a .ckpt written by ResumeCheckpoint"
+            )
+        try:
+            torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # truncated zip, wrong format, ...
+            raise ValueError(
+                f"--ckpt_path {path} is truncated or not a checkpoint ({type(err).__name__}: {err}); "
+                "resume from an earlier checkpoint"
+            ) from err
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> TinaCLI:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -249,6 +250,9 @@ def load_benchmark(
         problems = [_gpqa_problem(spec, r, i, rng.randint(0, 3)) for i, r in enumerate(rows)]
     else:
         problems = [_math_problem(spec, r, i) for i, r in enumerate(rows)]
+    dupes = sorted(i for i, c in Counter(p.id for p in problems).items() if c > 1)
+    if dupes:
+        raise ValueError(f"benchmark {name!r}: {source} repeats problem ids {dupes[:5]}; ids must be unique")
     return Benchmark(spec=spec, source=source, seed=seed, problems=problems[:limit])
 
 

@@ -108,18 +108,29 @@ class ReasoningDataModule(L.LightningDataModule):
             self.entry = self._resolve(self.source)
             head = list(itertools.islice(self._raw(self.entry, epoch=0, skip=0), self.validate_rows))
             validate_head(self.entry, head)
-        render_prompt(self.tokenizer, "check", None, self.chat_template)  # no chat template: fail before training
+        render_prompt(
+            self.tokenizer, "check", None, self.chat_template
+        )  # no chat template: fail before training
 
     def _resolve(self, name: str) -> DatasetEntry:
         return resolve(
             DataSource(
-                name=name, split=self.split, config=self.config, columns=self.columns, system_prompt=self.system_prompt
+                name=name,
+                split=self.split,
+                config=self.config,
+                columns=self.columns,
+                system_prompt=self.system_prompt,
             )
         )
 
     def _raw(self, entry: DatasetEntry, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
         return iter_raw_rows(
-            entry, streaming=self.streaming, seed=self.seed, shuffle_buffer=self.shuffle_buffer, skip=skip, epoch=epoch
+            entry,
+            streaming=self.streaming,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            skip=skip,
+            epoch=epoch,
         )
 
     def render(self, problem: str, row: dict[str, Any] | None = None) -> list[int]:
@@ -173,18 +184,32 @@ class ReasoningDataModule(L.LightningDataModule):
             return heldout_rows(self.val_size)
         entry = self._resolve(self.val_source)
         raw = iter_raw_rows(entry, streaming=False, seed=self.seed, shuffle_buffer=1, shuffle=False)
-        return [normalize(entry, r, rng=row_rng(self.seed, 0, i), index=i) for i, r in zip(range(self.val_size), raw)]
+        return [
+            normalize(entry, r, rng=row_rng(self.seed, 0, i), index=i)
+            for i, r in zip(range(self.val_size), raw, strict=False)
+        ]
 
     def _collate(self, items: list[tuple[list[int], dict[str, Any]]]) -> PromptBatch:
         ids = [i for i, _ in items]
-        position = {"epoch": self.epoch, "rows_in_epoch": self.rows_in_epoch}  # the stream has just read this batch
+        position = {
+            "epoch": self.epoch,
+            "rows_in_epoch": self.rows_in_epoch,
+        }  # the stream has just read this batch
         return PromptBatch(
-            prompt_ids=ids, prompts=[self.tokenizer.decode(i) for i in ids], rows=[r for _, r in items], position=position
+            prompt_ids=ids,
+            prompts=[self.tokenizer.decode(i) for i in ids],
+            rows=[r for _, r in items],
+            position=position,
         )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Lightning reads one batch ahead; the position to resume from is the one after the batch being trained on.
-        if isinstance(batch, PromptBatch) and batch.position is not None and self.trainer and self.trainer.training:
+        if (
+            isinstance(batch, PromptBatch)
+            and batch.position is not None
+            and self.trainer
+            and self.trainer.training
+        ):
             self.consumed = dict(batch.position)
         return batch
 

@@ -66,6 +66,17 @@ class EvalResult:
         """Unweighted mean of pass@1 over the benchmarks evaluated (Tina's "Avg." when they are its six)."""
         return sum(s.pass_at_1 for s in self.scores.values()) / len(self.scores)
 
+    def metrics(self, prefix: str = "bench") -> dict[str, float]:
+        """Flat scalars for a logger: `<prefix>/<name>/pass@1`, `.../pass@1_stderr`, `.../pass@<j>`,
+        `.../truncated` (fraction of samples), `<prefix>/avg/pass@1`; NaN standard errors are left out."""
+        out = {f"{prefix}/avg/pass@1": self.average}
+        for n, s in self.scores.items():
+            out.update({f"{prefix}/{n}/pass@{j}": v for j, v in s.pass_at.items()})
+            out[f"{prefix}/{n}/truncated"] = s.truncated / (s.problems * s.k)
+            if not math.isnan(s.stderr):
+                out[f"{prefix}/{n}/pass@1_stderr"] = s.stderr
+        return out
+
 
 def _check_many(completions: list[str], golds: list[str], mode: str, strict: bool) -> list[Any]:
     """The shared answer checker (imported late so that the module loads without it)."""
@@ -276,9 +287,7 @@ def _parser() -> Any:
     p.add_argument("--model", type=str, required=True, help="base model directory or hub id")
     p.add_argument("--adapter", type=str | None, default=None, help="PEFT LoRA adapter directory")
     p.add_argument("--benchmarks", type=str, default="math500", help="comma-separated: " + ",".join(REGISTRY))
-    p.add_argument(
-        "--data-dir", type=str | None, default=None, help="local JSONL directory; default: the hub"
-    )
+    p.add_argument("--data-dir", type=str | None, default=None, help="local JSONL folder (default: the hub)")
     p.add_argument("--k", type=int, default=1, help="samples per problem (Tina: 1)")
     p.add_argument("--max-new-tokens", type=int, default=32768, help="Tina: 32768")
     p.add_argument("--temperature", type=float, default=0.6, help="Tina: 0.6")
@@ -290,12 +299,8 @@ def _parser() -> Any:
     p.add_argument("--engine", type=str, default="auto", choices=["hf", "vllm", "auto"])
     p.add_argument("--dtype", type=str, default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--batch-prompts", type=int, default=64, help="prompts per HF generate call")
-    p.add_argument(
-        "--double-bos", type=bool, default=False, help="encode with special tokens, as lighteval did"
-    )
-    p.add_argument(
-        "--label", type=str | None, default=None, help="row label in results.md (default: the model)"
-    )
+    p.add_argument("--double-bos", type=bool, default=False, help="add special tokens, as lighteval did")
+    p.add_argument("--label", type=str | None, default=None, help="row label in results.md (default: model)")
     p.add_argument("--out", type=str, required=True, help="output directory")
     return p
 
@@ -305,12 +310,10 @@ def _check_paths(model: str, adapter: str | None) -> None:
     looks_local = model.startswith(("/", ".", "~")) or model.count("/") > 1
     if looks_local and not Path(model).expanduser().is_dir():
         raise SystemExit(
-            f"--model: no model directory at {model!r} (give a local directory or a hub id owner/name)"
+            f"--model: no model directory at {model!r} (give a directory or a hub id owner/name)"
         )
     if adapter is not None and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
-        raise SystemExit(
-            f"--adapter: {adapter!r} is not a PEFT adapter directory (no adapter_config.json in it)"
-        )
+        raise SystemExit(f"--adapter: {adapter!r} is not a PEFT adapter directory (no adapter_config.json)")
 
 
 def _load_policy(args: Any) -> Any:
@@ -331,9 +334,11 @@ def _make_engine(args: Any, tokenizer: Any, max_model_len: int) -> tuple[Rollout
     """The engine the flags ask for, and its name: "auto" takes vLLM when it is installed, else HF generate."""
     import torch
 
-    from lightning_tina.rollout.vllm import VLLMConfig, VLLMEngine, vllm_available
+    from lightning_tina.rollout.vllm import VLLM_INSTALL_HINT, VLLMConfig, VLLMEngine, vllm_available
 
     kind = args.engine if args.engine != "auto" else ("vllm" if vllm_available() else "hf")
+    if kind == "vllm" and not vllm_available():
+        raise SystemExit(f"--engine vllm: {VLLM_INSTALL_HINT}")
     if kind == "hf":
         from lightning_tina.rollout.hf import HFEngine
 
@@ -367,9 +372,7 @@ def main(argv: list[str] | None = None) -> EvalResult:
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     except OSError as err:
-        raise SystemExit(
-            f"--model: cannot load {args.model!r} as a local directory or hub id ({err})"
-        ) from None
+        raise SystemExit(f"--model: cannot load {args.model!r} as a directory or hub id ({err})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     longest = max(

@@ -68,13 +68,17 @@ def group_advantages(
     all equal gets advantage 0. NaN rewards are not expected here: the reward sum is NaN-aware upstream.
     """
     if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards must be [N] with N a multiple of group_size={group_size}, got {tuple(rewards.shape)}")
+        raise ValueError(
+            f"rewards must be [N] with N a multiple of group_size={group_size}, got {tuple(rewards.shape)}"
+        )
     grouped = rewards.view(-1, group_size)  # [B, G]
     centered = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # [N]
     if scale == "none":
         return centered
     if scale == "group":
-        std = grouped.std(dim=1, keepdim=True).expand_as(grouped).reshape(-1) if group_size > 1 else None  # [N]
+        std = (
+            grouped.std(dim=1, keepdim=True).expand_as(grouped).reshape(-1) if group_size > 1 else None
+        )  # [N]
         if std is None:
             return torch.zeros_like(rewards)
     elif scale == "batch":
@@ -86,7 +90,11 @@ def group_advantages(
 
 
 def _chunk_logprobs(
-    hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of `targets` and entropy for one chunk of hidden states; logits exist only inside this call."""
     logits = F.linear(hidden, weight, bias).float() / temperature  # [n, c, V]
@@ -125,7 +133,9 @@ def token_logprobs(
             h = hidden[r0 : r0 + rows_per_chunk, c0 : c0 + cols_per_chunk]  # [n', c', H]
             y = targets[r0 : r0 + rows_per_chunk, c0 : c0 + cols_per_chunk]  # [n', c']
             if needs_grad:
-                lp, ent = checkpoint(_chunk_logprobs, h, y, head_weight, head_bias, temperature, use_reentrant=False)
+                lp, ent = checkpoint(
+                    _chunk_logprobs, h, y, head_weight, head_bias, temperature, use_reentrant=False
+                )
             else:
                 lp, ent = _chunk_logprobs(h, y, head_weight, head_bias, temperature)
             row_lp.append(lp)
@@ -218,4 +228,3 @@ def truncated_importance_weights(
     (bf16 kernels, a different attention implementation). Detached: it reweights, it is not optimised.
     """
     return torch.exp(trainer_logprobs.detach() - engine_logprobs).clamp(max=cap)  # [N, C]
-

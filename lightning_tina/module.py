@@ -106,7 +106,9 @@ class GRPOModule(L.LightningModule):
     def _validate(self) -> None:
         g = self.grpo
         if g.num_generations < 2:
-            raise ValueError("model.grpo.num_generations must be >= 2: advantages compare completions of a group")
+            raise ValueError(
+                "model.grpo.num_generations must be >= 2: advantages compare completions of a group"
+            )
         if g.batch_size % g.num_generations:
             raise ValueError(
                 f"model.grpo.batch_size={g.batch_size} is not a multiple of model.grpo.num_generations="
@@ -137,15 +139,23 @@ class GRPOModule(L.LightningModule):
         return self.policy
 
     def sequence_logprobs(
-        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_len: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs and entropies of the last `completion_len` tokens of each sequence: ([n, C], [n, C])."""
         backbone, head = backbone_and_head(model)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [n, T] as generate() numbers left-padded rows
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(
+            min=0
+        )  # [n, T] as generate() numbers left-padded rows
         hidden = backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # [n, T, H]
-        hidden = hidden[:, -completion_len - 1 : -1]  # [n, C, H] the states that predict the completion tokens
+        hidden = hidden[
+            :, -completion_len - 1 : -1
+        ]  # [n, C, H] the states that predict the completion tokens
         targets = input_ids[:, -completion_len:]  # [n, C]
         return grpo.token_logprobs(
             hidden, targets, head.weight, head.bias, self.grpo.temperature, self.grpo.logprob_chunk_tokens
@@ -187,7 +197,9 @@ class GRPOModule(L.LightningModule):
         rollouts = _to_device(self.rollout.rollouts_for(batch, self), self.device)
         t_rollout = time.perf_counter() - t0
 
-        scores = self.rewards(rollouts.completions, rollouts.rows)  # RewardOutput: per_function [N, F], total [N]
+        scores = self.rewards(
+            rollouts.completions, rollouts.rows
+        )  # RewardOutput: per_function [N, F], total [N]
         advantages = grpo.group_advantages(
             scores.total.to(self.device), self.grpo.num_generations, self.grpo.scale_rewards
         )  # [N]
@@ -213,7 +225,9 @@ class GRPOModule(L.LightningModule):
         mask = rollouts.completion_mask  # [N, C]
         n, c = mask.shape
         num_tokens = int(mask.sum())
-        sums = dict(loss=0.0, kl=0.0, clip_low=0.0, clip_high=0.0, ratio=0.0, entropy=0.0, tis=0.0, mismatch=0.0)
+        sums = dict(
+            loss=0.0, kl=0.0, clip_low=0.0, clip_high=0.0, ratio=0.0, entropy=0.0, tis=0.0, mismatch=0.0
+        )
         mismatch_max = torch.zeros(())
         opt.zero_grad()
         for sl in self._micro_batches(rollouts):
@@ -230,10 +244,14 @@ class GRPOModule(L.LightningModule):
                 sums["mismatch"] += float(diff.sum())
                 mismatch_max = torch.maximum(mismatch_max, diff.max().cpu())
                 if g.tis_cap is not None:
-                    w = grpo.truncated_importance_weights(logps, rollouts.engine_logprobs[sl], g.tis_cap)  # [n', C]
+                    w = grpo.truncated_importance_weights(
+                        logps, rollouts.engine_logprobs[sl], g.tis_cap
+                    )  # [n', C]
                     per_token = per_token * w
                     sums["tis"] += float((w * m).sum())
-            kl = grpo.k3_kl(logps, ref_logps[sl]) if ref_logps is not None else torch.zeros_like(logps)  # [n', C]
+            kl = (
+                grpo.k3_kl(logps, ref_logps[sl]) if ref_logps is not None else torch.zeros_like(logps)
+            )  # [n', C]
             if ref_logps is not None:
                 per_token = per_token + g.beta * kl
             loss = grpo.aggregate_loss(
@@ -278,7 +296,9 @@ class GRPOModule(L.LightningModule):
                 extra["engine/tis_weight_mean"] = torch.tensor(sums["tis"] / tok)
         return stats, grad_norm, extra
 
-    def _log_step(self, rollouts, scores, advantages, stats, grad_norm, extra, t_rollout, t_reward, t0) -> None:
+    def _log_step(
+        self, rollouts, scores, advantages, stats, grad_norm, extra, t_rollout, t_reward, t0
+    ) -> None:
         lengths = rollouts.completion_mask.sum(-1).float()  # [N]
         metrics: dict[str, Any] = {
             "train/reward": scores.total.mean(),
@@ -313,7 +333,9 @@ class GRPOModule(L.LightningModule):
             metrics[f"data/skipped_{reason}"] = float(count)  # dropped rows: too long, or bad by kind
         sync = self.trainer.world_size > 1  # mean over ranks
         self.log_dict(
-            {k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()}, on_step=True, sync_dist=sync
+            {k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()},
+            on_step=True,
+            sync_dist=sync,
         )
         self.log("reward", scores.total.mean(), prog_bar=True, on_step=True, logger=False, sync_dist=sync)
 
@@ -327,6 +349,33 @@ class GRPOModule(L.LightningModule):
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another base model or adapter shape with a message naming the setting."""
+        saved = checkpoint.get("hyper_parameters", {})
+        saved_lora = saved.get("lora", {})
+        checks = [
+            ("model.model", saved.get("model"), self.model_name),
+            ("model.lora.enabled", saved_lora.get("enabled"), self.lora.enabled),
+            ("model.lora.r", saved_lora.get("r"), self.lora.r),
+            ("model.lora.target_modules", saved_lora.get("target_modules"), list(self.lora.target_modules)),
+        ]
+        for key, theirs, mine in checks:
+            if theirs is not None and theirs != mine:
+                raise ValueError(
+                    f"the checkpoint was trained with {key}={theirs!r} but this run has {key}={mine!r}; "
+                    f"set {key} to {theirs!r} to resume it, or start a new run without --ckpt_path"
+                )
+        weights = checkpoint.get("state_dict", {})
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name not in weights:
+                raise ValueError(
+                    f"the checkpoint has no weights for {name}: it is not a checkpoint of this adapter"
+                )
+            if tuple(weights[name].shape) != tuple(param.shape):
+                raise ValueError(
+                    f"checkpoint weight {name} has shape {tuple(weights[name].shape)}, this model {tuple(param.shape)}"
+                )
         self.policy_version = int(checkpoint.get("policy_version", 0))
         self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
 
@@ -346,7 +395,9 @@ class GRPOModule(L.LightningModule):
             return trainer.max_steps
         est = trainer.estimated_stepping_batches
         if not math.isfinite(est):
-            raise ValueError("set trainer.max_steps: the prompt stream is endless, so the schedule needs a length")
+            raise ValueError(
+                "set trainer.max_steps: the prompt stream is endless, so the schedule needs a length"
+            )
         return int(est) * self.grpo.num_iterations
 
     # ---- evaluation (validate / test) ----------------------------------------------------------------------------
@@ -363,7 +414,9 @@ class GRPOModule(L.LightningModule):
         from lightning_tina.rollout.batch import decode_completion
 
         if self.rollout is None:
-            raise RuntimeError("validate/test need lightning_tina.callbacks.RolloutCallback (the `rollout:` section)")
+            raise RuntimeError(
+                "validate/test need lightning_tina.callbacks.RolloutCallback (the `rollout:` section)"
+            )
         s = self.eval_settings
         sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
         gens = self.rollout.sample(batch.prompt_ids, s.k, sampling, self)
@@ -382,6 +435,3 @@ def _to_device(r: Rollouts, device: torch.device) -> Rollouts:
         completion_mask=r.completion_mask.to(device),
         engine_logprobs=r.engine_logprobs.to(device) if r.engine_logprobs is not None else None,
     )
-
-
-

@@ -35,7 +35,9 @@ class LoRASettings:
     """Names (last path component) of the linear layers that get an adapter."""
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "float32", attn_implementation: str | None = None) -> nn.Module:
+def load_causal_lm(
+    name_or_path: str, dtype: str = "float32", attn_implementation: str | None = None
+) -> nn.Module:
     """Load a causal LM from a local directory or a hub id."""
     from transformers import AutoModelForCausalLM
 
@@ -99,7 +101,9 @@ def backbone_and_head(policy: nn.Module) -> tuple[nn.Module, nn.Linear]:
     head = lm.get_output_embeddings()
     backbone = getattr(lm, lm.base_model_prefix, None)
     if backbone is None or head is None:
-        raise ValueError(f"{type(lm).__name__} exposes no decoder backbone / output head; it is not a causal LM")
+        raise ValueError(
+            f"{type(lm).__name__} exposes no decoder backbone / output head; it is not a causal LM"
+        )
     return backbone, head
 
 

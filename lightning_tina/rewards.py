@@ -7,8 +7,8 @@ or name it by import path (``"my_pkg.my_rewards:brevity"``) in YAML::
 
     rewards: [{name: accuracy, weight: 2.0}, {name: format, weight: 1.0, kwargs: {pattern: ...}}]
 
-Functions that grade answers should call ``answer_verdicts`` (it shares verdicts between functions within one
-step and counts checker timeouts for the step's log).
+Functions that grade answers should call ``checker.scope.answer_verdicts``: it shares verdicts between functions
+within one step and counts checker timeouts for the step's log.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import inspect
 import math
 import re
 from collections.abc import Callable, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, NamedTuple
 
 import torch
 
-from lightning_tina.checker import GRADING_MODES, Verdict, check_many
+from lightning_tina.checker import GRADING_MODES, Verdict
+from lightning_tina.checker.scope import answer_verdicts, verdict_scope
 
 RewardFn = Callable[..., list[float | None]]
 _REGISTRY: dict[str, RewardFn] = {}
@@ -47,15 +47,16 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
     def add(fn: RewardFn) -> RewardFn:
         old = _REGISTRY.get(name)
-        same = old is not None and (old.__module__, old.__qualname__) == (fn.__module__, fn.__qualname__)
-        if old is not None and not same:  # re-registering the same function (a module reload) is fine
-            raise ValueError(
-                f"reward name {name!r} is already registered to {old.__module__}.{old.__qualname__}"
-            )
+        if old is not None and _where(old) != _where(fn):  # re-registering it (a module reload) is fine
+            raise ValueError(f"reward name {name!r} is already registered to {_where(old)}")
         _REGISTRY[name] = fn
         return fn
 
     return add
+
+
+def _where(fn: RewardFn) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
 def _builtin(name: str) -> Callable[[RewardFn], RewardFn]:
@@ -65,35 +66,6 @@ def _builtin(name: str) -> Callable[[RewardFn], RewardFn]:
 
 # ----------------------------------------------------------------------------------------------------------
 # Answer checking shared by the accuracy-type rewards
-
-
-class _StepScope:
-    """Verdicts and timeout count of one ``RewardSet`` call."""
-
-    def __init__(self) -> None:
-        self.cache: dict[tuple[str, str, str, bool], Verdict] = {}
-        self.timeouts = 0
-
-
-_SCOPE: ContextVar[_StepScope | None] = ContextVar("lightning_tina_reward_scope", default=None)
-
-
-def answer_verdicts(
-    completions: Sequence[str], golds: Sequence[str], *, mode: str, strict: bool, timeout_s: float
-) -> list[Verdict]:
-    """``checker.check_many``, reusing verdicts already computed in this ``RewardSet`` call and counting timeouts."""
-    scope = _SCOPE.get()
-    if scope is None:
-        return check_many(completions, golds, mode, strict=strict, timeout_s=timeout_s)  # type: ignore[arg-type]
-    keys = [(c, g, mode, strict) for c, g in zip(completions, golds, strict=True)]
-    todo = list(dict.fromkeys(k for k in keys if k not in scope.cache))
-    if todo:
-        fresh = check_many(
-            [k[0] for k in todo], [k[1] for k in todo], mode, strict=strict, timeout_s=timeout_s
-        )  # type: ignore[arg-type]
-        scope.timeouts += sum(v.status == "timeout" for v in fresh)
-        scope.cache.update(zip(todo, fresh, strict=True))
-    return [scope.cache[k] for k in keys]
 
 
 def _column(columns: dict[str, Any], name: str, reward: str, n: int) -> list[Any]:
@@ -124,7 +96,8 @@ def _correctness(
     timeout_s: float,
 ) -> list[Verdict]:
     _check_grading(mode, timeout_s)
-    golds = [str(g) for g in _column(columns, gold_field, reward, len(completions))]
+    # A missing gold (None) must read as "no gold" (reward None), not as the text "None".
+    golds = ["" if g is None else str(g) for g in _column(columns, gold_field, reward, len(completions))]
     return answer_verdicts(completions, golds, mode=mode, strict=strict, timeout_s=timeout_s)
 
 
@@ -163,11 +136,15 @@ def format_reward(
     if match not in ("once", "search", "full"):
         raise ValueError(f"match={match!r} must be 'once', 'search' or 'full'")
     if match == "once":
-        return [
-            float(sum(1 for _ in zip(range(2), regex.finditer(c), strict=False)) == 1) for c in completions
-        ]
+        return [float(_occurs_once(regex, c)) for c in completions]
     test = regex.search if match == "search" else regex.fullmatch
     return [float(test(c) is not None) for c in completions]
+
+
+def _occurs_once(regex: re.Pattern[str], text: str) -> bool:
+    """Exactly one non-overlapping match (Tina: ``text.count("\\n</think>\\n") == 1``); stops at the second."""
+    found = regex.finditer(text)
+    return next(found, None) is not None and next(found, None) is None
 
 
 @lru_cache(maxsize=32)
@@ -382,7 +359,10 @@ def _resolve(name: str, where: str) -> RewardFn:
 
 
 def _check_kwargs(fn: RewardFn, spec: RewardSpec, where: str) -> None:
-    params = inspect.signature(fn).parameters
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a callable without a readable signature: checked when called
+        return
     named = {p for p, v in params.items() if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)} - {
         "completions"
     }
@@ -431,9 +411,7 @@ class RewardSet:
             )
         columns = {k: [row.get(k) for row in rows] for k in keys}
         values = torch.full((n, len(self.fns)), float("nan"), dtype=torch.float32)  # [N, F]
-        scope = _StepScope()
-        token = _SCOPE.set(scope)
-        try:
+        with verdict_scope() as scope:
             for j, (fn, spec) in enumerate(zip(self.fns, self.specs, strict=True)):
                 clash = set(spec.kwargs) & set(columns)
                 if clash:
@@ -446,8 +424,6 @@ class RewardSet:
                 for i, v in enumerate(out):
                     if v is not None:
                         values[i, j] = float(v)
-        finally:
-            _SCOPE.reset(token)
         total = (values * self.weights.unsqueeze(0)).nansum(dim=1)  # [N]
         none_fraction = values.isnan().float().mean(dim=0) if n else torch.zeros(len(self.fns))  # [F]
         return RewardOutput(values, total, scope.timeouts, none_fraction)

@@ -187,3 +187,11 @@ def test_render_with_the_tiny_tokenizer() -> None:
     text = render_text(p, tok)
     assert p.prompt_text in text
     assert tok.decode(render(p, tok)) == text
+
+
+def test_repeated_problem_ids_are_refused(tmp_path: Path) -> None:
+    rows = [{"id": "same", "problem": f"{i}+1?", "answer": str(i + 1)} for i in range(2)]
+    path = tmp_path / "dupes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"repeats problem ids \['same'\]"):
+        load_benchmark("aime24", path=path)

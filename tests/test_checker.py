@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -201,3 +203,19 @@ def test_a_worker_that_died_while_idle_is_replaced() -> None:
     idle[0].proc.kill()
     idle[0].proc.wait()
     assert check("\\boxed{5}", "5") == Verdict(True, "5", "ok")
+
+
+def _check_in_child(queue: Any) -> None:
+    queue.put((check(TOWER, "5", timeout_s=SHORT_TIMEOUT).status, check("\\boxed{5}", "5").correct))
+
+
+def test_check_inside_a_forked_worker_process_uses_its_own_workers() -> None:
+    _warm()  # the parent's pool exists before the fork; the child must not talk to its workers
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_check_in_child, args=(queue,))
+    child.start()
+    assert queue.get(timeout=60) == ("timeout", True)
+    child.join(timeout=10)
+    assert child.exitcode == 0
+    assert check("\\boxed{6}", "6").correct  # the parent's workers still answer

@@ -30,8 +30,18 @@ def test_every_fit_config_parses(config):
 def test_overrides_and_links():
     cli = cli_main(
         [
-            "--config", str(ROOT / "configs/tiny.yaml"), "--model.lora.r", "16", "--trainer.max_steps", "5",
-            "--model.grpo.num_generations", "4", "--model.grpo.batch_size", "32", "--model.grpo.temperature", "0.7",
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            "--model.lora.r",
+            "16",
+            "--trainer.max_steps",
+            "5",
+            "--model.grpo.num_generations",
+            "4",
+            "--model.grpo.batch_size",
+            "32",
+            "--model.grpo.temperature",
+            "0.7",
         ],
         run=False,
     )

@@ -142,6 +142,12 @@ def test_records_are_group_major_and_scores_follow_them(fake_checker: None) -> N
     assert s.truncated == sum(r["finish_reason"] == "length" for r in math)
     assert s.other_pass_at_1 == pytest.approx(1.0 - s.pass_at_1)  # the fake grades the other mode inverted
     assert result.average == pytest.approx((s.pass_at_1 + result.scores["gpqa_diamond"].pass_at_1) / 2)
+    metrics = result.metrics()
+    assert metrics["bench/math500/pass@1"] == s.pass_at_1 and metrics["bench/math500/pass@4"] == s.pass_at[4]
+    assert (
+        metrics["bench/math500/pass@1_stderr"] == s.stderr and metrics["bench/avg/pass@1"] == result.average
+    )
+    assert metrics["bench/math500/truncated"] == s.truncated / 20
 
 
 def test_same_seed_same_numbers_other_seed_other_samples(fake_checker: None) -> None:
@@ -277,7 +283,9 @@ def test_cli_applies_an_adapter(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # random B: not a no-op
+    lora = LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )  # random B: not a no-op
     get_peft_model(AutoModelForCausalLM.from_pretrained(TINY), lora).save_pretrained(tmp_path / "adapter")
     argv = ["--model", str(TINY), "--benchmarks", "tiny_heldout", "--limit", "3", "--k", "1"]
     argv += ["--max-new-tokens", "16", "--engine", "hf", "--dtype", "float32"]

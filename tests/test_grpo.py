@@ -79,7 +79,11 @@ MASK = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
         ("grpo", {}, (2.0 + 4.0) / 2),  # per-sequence means 2 and 4
         ("bnpo", {}, 10.0 / 4),  # token mean
         ("dr_grpo", {"max_completion_length": 5}, 10.0 / (2 * 5)),
-        ("dapo", {"num_tokens": 8}, 10.0 / 8),  # tokens of the whole step (here: other micro-batches had 4 more)
+        (
+            "dapo",
+            {"num_tokens": 8},
+            10.0 / 8,
+        ),  # tokens of the whole step (here: other micro-batches had 4 more)
     ],
 )
 def test_aggregate_loss_modes(loss_type, kwargs, expected):
@@ -87,9 +91,16 @@ def test_aggregate_loss_modes(loss_type, kwargs, expected):
 
 
 def test_aggregate_loss_micro_batches_sum_to_full_batch():
-    for loss_type, kw in [("grpo", {}), ("dr_grpo", {"max_completion_length": 4}), ("dapo", {"num_tokens": 4})]:
+    for loss_type, kw in [
+        ("grpo", {}),
+        ("dr_grpo", {"max_completion_length": 4}),
+        ("dapo", {"num_tokens": 4}),
+    ]:
         full = grpo.aggregate_loss(LOSS, MASK, loss_type, **kw)
-        parts = sum(grpo.aggregate_loss(LOSS[i : i + 1], MASK[i : i + 1], loss_type, num_sequences=2, **kw) for i in (0, 1))
+        parts = sum(
+            grpo.aggregate_loss(LOSS[i : i + 1], MASK[i : i + 1], loss_type, num_sequences=2, **kw)
+            for i in (0, 1)
+        )
         assert parts.item() == pytest.approx(full.item()), loss_type
 
 

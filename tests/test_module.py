@@ -10,7 +10,7 @@ from lightning_tina.grpo import GRPOSettings
 from lightning_tina.module import GRPOModule
 from lightning_tina.optim import OptimSettings
 from lightning_tina.policy import LoRASettings
-from lightning_tina.rewards import RewardSpec
+from lightning_tina.rewards import RewardSpec, register_reward
 from lightning_tina.rollout.base import SamplingConfig
 from lightning_tina.rollout.batch import make_rollouts
 from lightning_tina.rollout.hf import HFEngine
@@ -20,6 +20,12 @@ from lightning_tina.types import PromptBatch
 TINY = str(Path(__file__).resolve().parents[1] / "data" / "tiny")
 
 
+@register_reward("test_completion_length")
+def _completion_length(completions: list[str], **_) -> list[float | None]:
+    """Varies within every group, so advantages are never all zero (unlike accuracy on 24 tokens)."""
+    return [len(c) / 100 for c in completions]
+
+
 def _module(**grpo_kwargs) -> GRPOModule:
     grpo = GRPOSettings(num_generations=4, batch_size=8, micro_batch_size=3, **grpo_kwargs)
     m = GRPOModule(
@@ -27,7 +33,7 @@ def _module(**grpo_kwargs) -> GRPOModule:
         lora=LoRASettings(r=4, alpha=8, dropout=0.0),
         grpo=grpo,
         optim=OptimSettings(lr=1e-2, warmup_ratio=0.0),
-        rewards=[RewardSpec("accuracy")],
+        rewards=[RewardSpec("accuracy"), RewardSpec("test_completion_length")],
     )
     m.configure_model()
     return m
@@ -40,7 +46,9 @@ def _rollouts(m: GRPOModule, seed: int = 0):
     ids = [dm.render(r["problem"]) for r in rows]
     batch = PromptBatch(prompt_ids=ids, prompts=[m.tokenizer.decode(i) for i in ids], rows=rows)
     torch.manual_seed(seed)
-    gens = HFEngine(m.policy, m.tokenizer).generate(ids, 4, SamplingConfig(max_new_tokens=24, temperature=1.0))
+    gens = HFEngine(m.policy, m.tokenizer).generate(
+        ids, 4, SamplingConfig(max_new_tokens=24, temperature=1.0)
+    )
     return make_rollouts(batch, gens, 4, m.tokenizer)
 
 
@@ -68,7 +76,9 @@ def test_missing_target_module_is_refused():
 
 
 def test_batch_size_must_be_multiple_of_group_size():
-    with pytest.raises(ValueError, match="model.grpo.batch_size=10 is not a multiple of model.grpo.num_generations=4"):
+    with pytest.raises(
+        ValueError, match="model.grpo.batch_size=10 is not a multiple of model.grpo.num_generations=4"
+    ):
         GRPOModule(model=TINY, grpo=GRPOSettings(num_generations=4, batch_size=10))
 
 
@@ -85,9 +95,16 @@ def test_optimizer_step_changes_lora_only(tmp_path):
     m = _module()
     before = {n: p.detach().clone() for n, p in m.policy.named_parameters()}
     trainer = L.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        callbacks=[RolloutCallback(engine="hf", num_generations=4, sampling=SamplingConfig(max_new_tokens=24))],
-        default_root_dir=tmp_path, limit_val_batches=0,
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[
+            RolloutCallback(engine="hf", num_generations=4, sampling=SamplingConfig(max_new_tokens=24))
+        ],
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
     )
     trainer.fit(m, datamodule=ReasoningDataModule(tokenizer=TINY, prompts_per_step=2, val_source=None))
     assert trainer.global_step == 2 and m.policy_version == 2

@@ -23,13 +23,19 @@ def _config(tmp: Path, name: str, kill_at: int | None = None) -> Path:
     cfg["trainer"].update(max_steps=6, enable_progress_bar=False)
     cfg["trainer"]["logger"]["init_args"].update(save_dir=str(tmp / "tb"), name=name)
     cfg["trainer"]["callbacks"] = [
-        {"class_path": "lightning_tina.callbacks.ResumeCheckpoint",
-         "init_args": {"dirpath": str(tmp / name / "ckpt"), "every_n_train_steps": 1}},
-        {"class_path": "lightning_tina.callbacks.AdapterCheckpoint",
-         "init_args": {"dirpath": str(tmp / name / "adapters"), "every_n_steps": 0}},
+        {
+            "class_path": "lightning_tina.callbacks.ResumeCheckpoint",
+            "init_args": {"dirpath": str(tmp / name / "ckpt"), "every_n_train_steps": 1},
+        },
+        {
+            "class_path": "lightning_tina.callbacks.AdapterCheckpoint",
+            "init_args": {"dirpath": str(tmp / name / "adapters"), "every_n_steps": 0},
+        },
     ]
     if kill_at is not None:
-        cfg["trainer"]["callbacks"].append({"class_path": "faults.KillAtStep", "init_args": {"step": kill_at}})
+        cfg["trainer"]["callbacks"].append(
+            {"class_path": "faults.KillAtStep", "init_args": {"step": kill_at}}
+        )
     cfg["trainer"]["enable_checkpointing"] = True
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -23,7 +23,9 @@ from lightning_tina.checker.pool import available_cores, get_pool
 GradingMode = Literal["expr", "latex", "letter"]
 Status = Literal["ok", "no_answer", "gold_unparsed", "timeout", "error"]
 GRADING_MODES: tuple[str, ...] = get_args(GradingMode)
-PARALLEL_MIN_BATCH = 8  # check_many uses several processes from this many distinct checks (see bench/)
+# check_many uses one process per core from this many distinct checks; below it, one process. Measured on the
+# shared 2-core machine (bench/README_rewards.md): 2 processes won 1.1-1.3x from 64 up, and were noise below.
+PARALLEL_MIN_BATCH = 64
 
 
 class Verdict(NamedTuple):

@@ -52,13 +52,12 @@ def main() -> None:
     import warnings
     from multiprocessing.connection import Connection
 
-    warnings.simplefilter(
-        "ignore"
-    )  # sympy deprecation chatter on odd inputs would flood the trainer's stderr
-
     from lightning_tina.checker.grade import _mv, grade
 
     _mv()  # import math-verify and sympy before saying "ready", so job time excludes imports
+    # Only now: importing sympy installs its own warning filters, and its deprecation chatter on odd inputs
+    # would flood the trainer's stderr.
+    warnings.simplefilter("ignore")
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     _limit_memory(limit_mb)
     reader, writer = Connection(read_fd, writable=False), Connection(write_fd, readable=False)

@@ -62,12 +62,20 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def _find_close(text: str, close_: str, start: int) -> int:
+    """Index of the first closing delimiter at or after ``start``; a ``$`` written ``\\$`` does not close."""
+    i = text.find(close_, start)
+    while close_.startswith("$") and i > 0 and text[i - 1] == "\\":
+        i = text.find(close_, i + 1)
+    return i
+
+
 def _first_math_or_line(rest: str) -> str | None:
     """The answer that follows an anchor: a leading math environment, the first inline one, or the line."""
     rest = rest.lstrip(" \t*")
     for open_, close_ in _MATH_ENVS:
         if rest.startswith(open_):
-            end = rest.find(close_, len(open_))
+            end = _find_close(rest, close_, len(open_))
             if end > len(open_):
                 return rest[len(open_) : end].strip()
             return None
@@ -107,9 +115,8 @@ def unwrap_math(text: str) -> str:
     s = text.strip()
     for open_, close_ in _MATH_ENVS:
         if s.startswith(open_) and s.endswith(close_) and len(s) > len(open_) + len(close_):
-            inner = s[len(open_) : len(s) - len(close_)]
-            if open_ not in inner and close_ not in inner:
-                return inner.strip()
+            if _find_close(s, close_, len(open_)) == len(s) - len(close_):  # "$a$ and $b$" stays as it is
+                return s[len(open_) : len(s) - len(close_)].strip()
     return s
 
 

@@ -25,12 +25,15 @@ from lightning_tina.checker.letter import extract_letter_strict, extract_letter_
 
 TINA_PRECISION = 5  # lighteval metric precision in Tina's task file: floats are rounded to 5 decimals
 MAX_EXTRACTED_CHARS = 1000  # Verdict.extracted is cut to this length (it is for logs, not for comparison)
-MAX_STRICT_ANSWER_CHARS = (
-    20_000  # longer "answers" are not parsed as math in strict mode (string compare only)
-)
+MAX_STRICT_ANSWER_CHARS = 20_000  # strict mode compares longer "answers" as strings, without parsing
 MAX_STRICT_BRACE_DEPTH = 64  # deeper nesting is not an answer; the LaTeX parser would take seconds on it
 STRICT_REL_TOL = 1e-4  # strict mode: plain numbers must also agree to this relative tolerance
 _PLAIN_EXPR_RE = re.compile(r"[\d\s.+\-*/^()]+")
+
+# lighteval's extraction settings in Tina's metrics; math-verify's SIGALRM timeout off (the pool enforces time)
+_TINA_PARSE: dict[str, Any] = dict(
+    fallback_mode="first_match", extraction_mode="any_match", parsing_timeout=None
+)
 
 # (correct, extracted, status) with status in "ok" | "no_answer" | "gold_unparsed" | "error"
 GradeResult = tuple[bool, str | None, str]
@@ -72,12 +75,16 @@ def _clip(text: str | None) -> str | None:
     return text[:MAX_EXTRACTED_CHARS] + "…"
 
 
+@lru_cache(maxsize=256)
+def _tina_gold(gold: str, mode: str) -> tuple[Any, ...]:
+    mv, _, _ = _mv()
+    return tuple(mv.parse(gold, _tina_targets()[mode][0], **_TINA_PARSE))
+
+
 def _grade_tina_math(completion: str, gold: str, mode: str) -> GradeResult:
     mv, _, _ = _mv()
-    gold_targets, pred_targets = _tina_targets()[mode]
-    kw: dict[str, Any] = dict(fallback_mode="first_match", extraction_mode="any_match", parsing_timeout=None)
     golds = _tina_gold(gold, mode)
-    preds = mv.parse(completion, pred_targets, **kw)
+    preds = mv.parse(completion, _tina_targets()[mode][1], **_TINA_PARSE)
     correct = bool(
         mv.verify(list(golds) or [gold], preds, float_rounding=TINA_PRECISION, timeout_seconds=None)
     )
@@ -86,14 +93,6 @@ def _grade_tina_math(completion: str, gold: str, mode: str) -> GradeResult:
         extracted = str(preds[0])
     status = "gold_unparsed" if not golds else ("no_answer" if not preds else "ok")
     return correct, _clip(extracted), status
-
-
-@lru_cache(maxsize=256)
-def _tina_gold(gold: str, mode: str) -> tuple[Any, ...]:
-    mv, _, _ = _mv()
-    gold_targets, _ = _tina_targets()[mode]
-    kw: dict[str, Any] = dict(fallback_mode="first_match", extraction_mode="any_match", parsing_timeout=None)
-    return tuple(mv.parse(gold, gold_targets, **kw))
 
 
 def _brace_depth(text: str) -> int:

@@ -5,8 +5,8 @@ priority, and within one priority the match that ends last wins. Only capital le
 lowest-priority rule takes any capital A-D anywhere, so the "A" of a sentence or the "C" of "C=O" can be taken.
 
 Strict (``strict=True``) reads only an anchored answer: ``\\boxed{C}``, "final answer is (C)", "Answer: c",
-"answer is **C**"; upper or lower case, with optional parentheses, brackets, bold or ``\\text{}``; the last
-anchored one wins. Without an anchor there is no answer.
+"answer is **C**", "the correct option is C", "final: D"; upper or lower case, with optional parentheses,
+brackets, bold or ``\\text{}``; the last anchored one wins. Without an anchor there is no answer.
 """
 
 from __future__ import annotations
@@ -56,8 +56,10 @@ def _strict_patterns(letters: str) -> tuple[re.Pattern[str], re.Pattern[str]]:
         r"(?![A-Za-z0-9])"
     )
     box_only = re.compile(rf"^\s*{wrapped}\s*\.?\s*$")
+    # "answer C", "answer is (C)", "Answer: **C**"; "option/choice/final" only with "is" or a colon
+    anchor = r"(?i:answer\s*(?:is|:)?|(?:option|choice|final)\s*(?:is|:))"
     anchored = re.compile(
-        rf"(?i:answer)\s*(?:is|:)?\s*(?:\*\*)?\s*:?\s*(?:\*\*)?\s*(?:\$\s*)?(?:option\s+|choice\s+)?{wrapped}"
+        rf"{anchor}\s*(?:\*\*)?\s*:?\s*(?:\*\*)?\s*(?:\$\s*)?(?i:option\s+|choice\s+)?{wrapped}"
     )
     return box_only, anchored
 

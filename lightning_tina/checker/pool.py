@@ -52,7 +52,7 @@ class _Worker:
             pass_fds=(job_r, res_w),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONNOUSERSITE": "1"},
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         os.close(job_r)
         os.close(res_w)
@@ -210,6 +210,8 @@ class CheckerPool:
 
     def close(self) -> None:
         """Stop all idle workers (busy ones are stopped by their callers)."""
+        if os.getpid() != self.pid:  # a forked child inherited this pool: the workers belong to its parent
+            return
         with self._cond:
             idle, self._idle = self._idle, []
             self._total -= len(idle)

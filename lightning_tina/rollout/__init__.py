@@ -34,6 +34,8 @@ def make_engine(
     if not vllm_available():
         if name == "vllm":
             raise RuntimeError(f"rollout.engine is 'vllm' but {VLLM_INSTALL_HINT}")
-        log.warning("rollout.engine auto: vLLM is not installed, using Hugging Face generate (install the `cpu` or `gpu` extra)")
+        log.warning(
+            "rollout.engine auto: vLLM is not installed, using Hugging Face generate (install the `cpu` or `gpu` extra)"
+        )
         return HFEngine(policy, tokenizer)
     return VLLMEngine(model_name, dtype=dtype, max_lora_rank=lora_rank, config=vllm)

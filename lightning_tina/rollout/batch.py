@@ -9,7 +9,9 @@ import torch
 from lightning_tina.types import Generation, PromptBatch, Rollouts
 
 
-def make_rollouts(batch: PromptBatch, generations: Sequence[Generation], group_size: int, tokenizer) -> Rollouts:
+def make_rollouts(
+    batch: PromptBatch, generations: Sequence[Generation], group_size: int, tokenizer
+) -> Rollouts:
     """Pad prompts on the left and completions on the right: [N, P + C] with N = B * G, group-major."""
     n = len(batch.prompt_ids) * group_size
     if len(generations) != n:

@@ -26,13 +26,17 @@ class HFEngine(RolloutEngine):
         self.model = policy  # generate() runs on the live weights
 
     @torch.no_grad()
-    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig) -> list[Generation]:
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig
+    ) -> list[Generation]:
         out: list[Generation] = []
         for start in range(0, len(prompt_ids), self.max_batch_prompts):
             out.extend(self._generate_batch(prompt_ids[start : start + self.max_batch_prompts], n, sampling))
         return out
 
-    def _generate_batch(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingConfig) -> list[Generation]:
+    def _generate_batch(
+        self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingConfig
+    ) -> list[Generation]:
         tok = self.tokenizer
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
@@ -50,7 +54,9 @@ class HFEngine(RolloutEngine):
             eos_token_id=tok.eos_token_id,
         )
         if not greedy:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)  # 0 = off (None would mean 50)
+            kwargs.update(
+                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k
+            )  # 0 = off (None would mean 50)
             if sampling.min_p > 0:
                 kwargs["min_p"] = sampling.min_p
         if sampling.stop:
@@ -60,7 +66,9 @@ class HFEngine(RolloutEngine):
         was_training = self.model.training
         self.model.eval()
         try:
-            seqs = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)  # [b*n, P+c]
+            seqs = self.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs
+            )  # [b*n, P+c]
         finally:
             self.model.train(was_training)
         completions = seqs[:, width:].tolist()

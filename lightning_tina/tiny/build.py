@@ -71,10 +71,24 @@ class BuildConfig:
     eval_samples: int = 8
     """Samples per held-out problem (n of pass@k)."""
 
+    def __post_init__(self) -> None:
+        for name in ("error_rate", "clean_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"BuildConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("steps", "batch_size", "eval_problems", "eval_samples", "num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"BuildConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup < self.steps:
+            raise ValueError(f"BuildConfig.warmup must be in [0, steps={self.steps}), got {self.warmup}")
+
 
 def _byte_alphabet() -> list[str]:
     """The 256 printable stand-ins of byte-level BPE (GPT-2/Qwen's byte-to-unicode map), in byte order."""
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    kept = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\u00a1"), ord("\u00ac") + 1),
+        *range(ord("\u00ae"), 256),
+    ]
     shifted = iter(range(256, 512))
     return [chr(b) if b in kept else chr(next(shifted)) for b in range(256)]
 
@@ -126,14 +140,16 @@ def build_model(cfg: BuildConfig, tok: PreTrainedTokenizerBase) -> Qwen2ForCausa
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         rope_theta=10000.0,
-        torch_dtype="float32",
+        dtype="float32",
     )
     return Qwen2ForCausalLM(config)
 
 
 def prompt_text(tok: PreTrainedTokenizerBase, problem: str) -> str:
     """The rendered chat prompt of a problem (user turn only, generation prompt appended)."""
-    return tok.apply_chat_template([{"role": "user", "content": problem}], add_generation_prompt=True, tokenize=False)
+    return tok.apply_chat_template(
+        [{"role": "user", "content": problem}], add_generation_prompt=True, tokenize=False
+    )
 
 
 def sft_batch(
@@ -152,7 +168,7 @@ def sft_batch(
     ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)  # [B, T]
     mask = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, T]
     lab = torch.full((len(seqs), width), -100, dtype=torch.long)  # [B, T]
-    for i, (s, y) in enumerate(zip(seqs, labels)):
+    for i, (s, y) in enumerate(zip(seqs, labels, strict=True)):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
         lab[i, : len(y)] = torch.tensor(y)
@@ -160,7 +176,7 @@ def sft_batch(
 
 
 def lr_at(step: int, cfg: BuildConfig) -> float:
-    """Learning rate: ``lr * step/warmup`` during warmup, then ``lr * (0.1 + 0.9 * (1 + cos(pi t)) / 2)``."""
+    """Learning rate: ``lr * (step + 1) / warmup`` during warmup, then ``lr * (0.1 + 0.9 * (1 + cos(pi t)) / 2)``."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -188,7 +204,9 @@ def train(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, cfg: BuildConfi
             group["lr"] = lr_at(step, cfg)
         rows = [next(stream) for _ in range(cfg.batch_size)]
         if step == clean_steps:
-            print(f"greedy held-out accuracy after clean SFT: {greedy_accuracy(model, tok, cfg.eval_problems):.4f}")
+            print(
+                f"greedy held-out accuracy after clean SFT: {greedy_accuracy(model, tok, cfg.eval_problems):.4f}"
+            )
             model.train()
         error_rate = 0.0 if step < clean_steps else cfg.error_rate
         ids, mask, lab = sft_batch(tok, rows, rng, error_rate)
@@ -200,7 +218,10 @@ def train(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, cfg: BuildConfi
         running += loss.item()
         if (step + 1) % 100 == 0:
             losses.append(running / 100)
-            print(f"step {step + 1:5d}  loss {running / 100:.4f}  {time.perf_counter() - start:6.1f}s", flush=True)
+            print(
+                f"step {step + 1:5d}  loss {running / 100:.4f}  {time.perf_counter() - start:6.1f}s",
+                flush=True,
+            )
             running = 0.0
     return losses
 
@@ -227,7 +248,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def _generate(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, prompts: list[str], **kwargs: object) -> list[str]:
+def _generate(
+    model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, prompts: list[str], **kwargs: object
+) -> list[str]:
     """Completions of left-padded ``prompts`` (special tokens removed)."""
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     out = model.generate(
@@ -242,7 +265,7 @@ def greedy_accuracy(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, n_pro
     model.eval()
     rows = heldout_rows(n_problems)
     texts = _generate(model, tok, [prompt_text(tok, r["problem"]) for r in rows], do_sample=False)
-    return sum(boxed_int(t) == int(r["answer"]) for t, r in zip(texts, rows)) / n_problems
+    return sum(boxed_int(t) == int(r["answer"]) for t, r in zip(texts, rows, strict=True)) / n_problems
 
 
 @torch.no_grad()
@@ -300,10 +323,16 @@ def main(argv: list[str] | None = None) -> None:
     metrics, texts = evaluate(model, tok, cfg.eval_problems, cfg.eval_samples, cfg.seed)
     eval_s = time.perf_counter() - start
     print(f"example completion:\n{texts[0]}")
-    print(f"train {train_s:.0f}s  eval {eval_s:.0f}s  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print(
+        f"train {train_s:.0f}s  eval {eval_s:.0f}s  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     model.generation_config.update(
-        do_sample=True, temperature=0.6, top_p=0.95, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        do_sample=True,
+        temperature=0.6,
+        top_p=0.95,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     model.save_pretrained(args.out, safe_serialization=True)
     tok.save_pretrained(args.out)

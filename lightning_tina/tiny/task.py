@@ -146,7 +146,9 @@ def heldout_rows(n: int = 256, seed: int = 1234) -> list[dict[str, str]]:
 def _wrong(value: int, rng: random.Random) -> int:
     """A nearby wrong value: ``value ± d`` with ``1 <= d <= MAX_ERROR_DELTA``, never going below ``min(0, value)``."""
     floor = min(0, value)  # an earlier error can make a later value negative
-    choices = [value + d for d in range(-MAX_ERROR_DELTA, MAX_ERROR_DELTA + 1) if d != 0 and value + d >= floor]
+    choices = [
+        value + d for d in range(-MAX_ERROR_DELTA, MAX_ERROR_DELTA + 1) if d != 0 and value + d >= floor
+    ]
     return rng.choice(choices)
 
 

@@ -1,0 +1,359 @@
+"""lightning_tina against TRL's GRPOTrainer: the same model, prompts, reward and settings, in alternating runs.
+
+Every run is a fresh subprocess (one tool, one engine, one model size) that trains `--warmup` steps and then
+`--steps` measured steps; runs rotate their order round after round so that neither tool always goes first on a
+noisy, shared machine. A step's time is the wall time between the ends of two consecutive optimizer steps (data,
+generation, rewards, reference log-probs, forward, backward, optimizer and logging: everything). Both tools get
+the same thread count, float32 weights, no gradient checkpointing, LoRA r=8 alpha=32 dropout 0 on all seven
+projections, 8 prompts x 4 generations, completions forced to exactly `--tokens` tokens, beta 0.04, loss "grpo",
+and lightning_tina's accuracy + format rewards (weights 1, 1).
+
+    python bench/vs_trl.py                          # tiny and 18m, TRL (generate) vs lightning_tina (hf, vllm)
+    python bench/vs_trl.py --sizes 18m --rounds 3
+    python bench/vs_trl.py --gpu                    # training part on a 1.5B-shaped Qwen2 (see bench/train_part.py)
+
+Prints a table and one JSON line (prefix "JSON ").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+PROMPTS, GENERATIONS, BETA, LORA_R, LORA_ALPHA, LR = 8, 4, 0.04, 8, 32, 1e-6
+
+
+# ---- workers (one per subprocess) ------------------------------------------------------------------------------
+
+
+def _prompt_data(model_dir: str, n_steps: int, seed: int) -> tuple[Any, list[dict], list[str], list[list[int]]]:
+    from lightning_tina.policy import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    rows = common.bench_rows(PROMPTS * n_steps, seed)
+    texts, ids = common.render_prompts(tok, rows)
+    return tok, rows, texts, ids
+
+
+def _step_times(ends: list[float], warmup: int) -> list[float]:
+    """Seconds of the measured steps: differences of consecutive step-end times after the warm-up steps."""
+    return [b - a for a, b in zip(ends[warmup - 1 : -1], ends[warmup:], strict=True)]
+
+
+def run_lightning_tina(args: argparse.Namespace) -> dict[str, Any]:
+    """Train with GRPOModule + RolloutCallback under a Lightning Trainer; returns step times and phase medians."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_tina.callbacks.rollout import RolloutCallback
+    from lightning_tina.grpo import GRPOSettings
+    from lightning_tina.module import GRPOModule
+    from lightning_tina.optim import OptimSettings
+    from lightning_tina.policy import LoRASettings
+    from lightning_tina.rewards import RewardSpec
+    from lightning_tina.rollout.base import SamplingConfig
+    from lightning_tina.rollout.vllm import VLLMConfig
+    from lightning_tina.types import PromptBatch
+
+    n_steps = args.warmup + args.steps
+    tok, rows, texts, ids = _prompt_data(args.model, n_steps, args.seed)
+    batches = [
+        PromptBatch(prompt_ids=ids[i : i + PROMPTS], prompts=texts[i : i + PROMPTS], rows=rows[i : i + PROMPTS])
+        for i in range(0, len(rows), PROMPTS)
+    ]
+    n = PROMPTS * GENERATIONS
+    module = GRPOModule(
+        model=args.model,
+        lora=LoRASettings(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0),
+        grpo=GRPOSettings(
+            num_generations=GENERATIONS, batch_size=n, micro_batch_size=n, beta=BETA, loss_type="grpo"
+        ),
+        optim=OptimSettings(lr=LR, warmup_ratio=0.0),
+        rewards=[RewardSpec("accuracy", 1.0), RewardSpec("format", 1.0)],
+    )
+    module.configure_model()
+    # Force the length: HF generate reads min_new_tokens from the model's generation config (the engine passes
+    # no value of its own); the vLLM engine has a benchmark switch that ignores EOS.
+    module.policy.get_base_model().generation_config.min_new_tokens = args.tokens
+    rollout = RolloutCallback(
+        engine=args.engine,
+        sampling=SamplingConfig(max_new_tokens=args.tokens, temperature=1.0),
+        num_generations=GENERATIONS,
+        vllm=VLLMConfig(ignore_eos=True, kv_cache_gib=0.5),
+    )
+    ends: list[float] = []
+    cpu_ends: list[float] = []  # process CPU time: far less sensitive than wall time to other users of the cores
+    phases: dict[str, list[float]] = {}
+    lengths: list[float] = []
+
+    class Clock(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
+            m = trainer.callback_metrics
+            for key in ("perf/rollout_s", "perf/reward_s", "perf/train_s", "perf/sync_s"):
+                if key in m:
+                    phases.setdefault(key.split("/")[1].removesuffix("_s"), []).append(float(m[key]))
+            lengths.append(float(m["train/completion_length_mean"]))
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=n_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        callbacks=[rollout, Clock()],
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=_identity))
+    w = args.warmup
+    return {
+        "step_s": _step_times(ends, w),
+        "cpu_step_s": _step_times(cpu_ends, w),
+        "phases": {k: common.spread(v[w:])["median"] for k, v in phases.items()},
+        "completion_length": sorted(set(lengths)),
+    }
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def run_trl(args: argparse.Namespace) -> dict[str, Any]:
+    """Train with TRL's GRPOTrainer (generation by transformers `generate`); returns step times and phases."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    n_steps = args.warmup + args.steps
+    tok, rows, texts, _ = _prompt_data(args.model, n_steps, args.seed)
+    dataset = Dataset.from_dict({"prompt": texts, "solution": [r["solution"] for r in rows]})
+    phases: dict[str, list[float]] = {}
+
+    class TimedGRPOTrainer(GRPOTrainer):
+        """GRPOTrainer with wall-clock timers around generation, rewards and log-prob passes."""
+
+        def _timed(self, name: str, fn, *a, **kw):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                phases.setdefault(name, []).append(time.perf_counter() - start)
+                phases.setdefault(f"cpu_{name}", []).append(time.process_time() - cpu_start)
+
+        def _generate_single_turn(self, *a, **kw):
+            return self._timed("rollout", super()._generate_single_turn, *a, **kw)
+
+        def _calculate_rewards(self, *a, **kw):
+            return self._timed("reward", super()._calculate_rewards, *a, **kw)
+
+        def _get_per_token_logps_and_entropies(self, *a, **kw):
+            name = "policy_logps" if torch.is_grad_enabled() else "frozen_logps"
+            return self._timed(name, super()._get_per_token_logps_and_entropies, *a, **kw)
+
+    ends: list[float] = []
+    cpu_ends: list[float] = []  # process CPU time: far less sensitive than wall time to other users of the cores
+    lengths: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args_, state, control, **kw) -> None:
+            ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
+
+        def on_log(self, args_, state, control, logs=None, **kw) -> None:
+            if logs and "completions/mean_length" in logs:
+                lengths.append(float(logs["completions/mean_length"]))
+
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
+        per_device_train_batch_size=PROMPTS * GENERATIONS,  # completions per step
+        num_generations=GENERATIONS,
+        max_completion_length=args.tokens,
+        generation_kwargs={"min_new_tokens": args.tokens},
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=BETA,
+        loss_type="grpo",
+        scale_rewards="group",
+        reward_weights=[1.0, 1.0],
+        learning_rate=LR,
+        max_grad_norm=1.0,
+        max_steps=n_steps,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        shuffle_dataset=False,
+        bf16=False,  # TRL's defaults are bf16 and gradient checkpointing; both tools run float32 without
+        gradient_checkpointing=False,
+        use_cpu=True,
+        seed=args.seed,
+        dataloader_num_workers=0,
+    )
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    trainer = TimedGRPOTrainer(
+        model=model,
+        reward_funcs=[common.trl_accuracy, common.trl_format],
+        args=config,
+        train_dataset=dataset,
+        processing_class=tok,
+        peft_config=LoraConfig(
+            r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=common.LORA_TARGETS, task_type="CAUSAL_LM"
+        ),
+        callbacks=[Clock()],
+    )
+    trainer.train()
+    w = args.warmup
+    return {
+        "step_s": _step_times(ends, w),
+        "cpu_step_s": _step_times(cpu_ends, w),
+        "phases": {k: common.spread(v[w:])["median"] for k, v in phases.items()},
+        "completion_length": sorted(set(lengths)),
+    }
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Entry point of one run: pin threads, train, print one JSON record."""
+    common.pin_threads(args.threads)
+    start = time.perf_counter()
+    out = run_trl(args) if args.worker == "trl" else run_lightning_tina(args)
+    out.update(
+        tool=args.worker,
+        engine=args.engine,
+        model=args.model,
+        wall_s=time.perf_counter() - start,
+        load_avg=common.load_avg(),
+        threads=args.threads,
+        **common.peak_memory(),
+    )
+    common.emit_json(out)
+
+
+# ---- the orchestrator ------------------------------------------------------------------------------------------
+
+
+def _run(tool: str, engine: str, model: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    cmd = [sys.executable, __file__, "--worker", tool, "--engine", engine, "--model", str(model)]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--tokens", str(args.tokens)]
+    cmd += ["--threads", str(args.threads), "--seed", str(args.seed)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(common.REPO), TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    records = common.parse_json_lines(proc.stdout)
+    if proc.returncode or not records:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+        print(f"!! {tool}/{engine} on {model.name} failed (exit {proc.returncode}):\n{tail}", flush=True)
+        return None
+    return records[-1]
+
+
+def _models(args: argparse.Namespace) -> dict[str, Path]:
+    tiny = common.tiny_dir(args.tiny_dir)
+    out: dict[str, Path] = {}
+    for size in args.sizes:
+        if size == "tiny":
+            out[size] = tiny
+        else:
+            out[size] = common.build_random_qwen2(size, Path(args.workdir) / f"qwen2-{size}", tiny)
+    return out
+
+
+def orchestrate(args: argparse.Namespace) -> None:
+    """Alternate runs of every (tool, engine) per size; print medians, spreads and ratios."""
+    runs = [("trl", "hf")] + [("lt", e) for e in args.lt_engines]
+    results: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    models = _models(args)
+    for size, model in models.items():
+        print(f"== {size}: {model} ({common.count_parameters(model) / 1e6:.2f}M parameters)", flush=True)
+        for r in range(args.rounds):
+            k = r % len(runs)
+            for tool, engine in runs[k:] + runs[:k]:  # rotate: every tool takes every position in turn
+                rec = _run(tool, engine, model, args)
+                if rec is not None:
+                    results.setdefault((size, tool, engine), []).append(rec)
+                    med = common.spread(rec["step_s"])["median"]
+                    print(f"   round {r}: {tool}/{engine}: median {med:.3f} s/step, load {rec['load_avg']:.1f}")
+    rows, summary = [], {}
+    for (size, tool, engine), recs in results.items():
+        steps = [s for rec in recs for s in rec["step_s"]]
+        sp = common.spread(steps)
+        cpu = common.spread([s for rec in recs for s in rec["cpu_step_s"]])
+        phases = {p: common.spread([rec["phases"][p] for rec in recs if p in rec["phases"]])["median"]
+                  for p in sorted({p for rec in recs for p in rec["phases"]})}
+        entry = {**sp, "cpu_median": cpu["median"], "cpu_min": cpu["min"], "cpu_max": cpu["max"], "run_medians": [common.spread(rec["step_s"])["median"] for rec in recs], "phases": phases,
+                 "peak_rss_gb": max(rec["peak_rss_gb"] for rec in recs),
+                 "completion_length": sorted({x for rec in recs for x in rec["completion_length"]})}
+        summary[f"{size}/{tool}/{engine}"] = entry
+        rows.append({"size": size, "tool": "lightning_tina" if tool == "lt" else "trl", "engine": engine,
+                     "median_s": sp["median"], "min_s": sp["min"], "max_s": sp["max"], "steps": sp["n"],
+                     "cpu_median_s": cpu["median"], "cpu_min_s": cpu["min"], "cpu_max_s": cpu["max"],
+                     "peak_rss_gb": entry["peak_rss_gb"],
+                     **{f"{p}_s": v for p, v in phases.items() if p in ("rollout", "reward")}})
+    ratios = {}
+    for size in models:
+        trl = summary.get(f"{size}/trl/hf")
+        lts = {e: summary[f"{size}/lt/{e}"] for e in args.lt_engines if f"{size}/lt/{e}" in summary}
+        if trl and lts:
+            best = min(lts, key=lambda e: lts[e]["median"])
+            ratios[size] = {"best_engine": best, "lt_best_over_trl": lts[best]["median"] / trl["median"],
+                            "cpu_lt_best_over_trl": lts[best]["cpu_median"] / trl["cpu_median"]}
+            if "hf" in lts:
+                ratios[size]["lt_hf_over_trl_hf"] = lts["hf"]["median"] / trl["median"]
+                ratios[size]["cpu_lt_hf_over_trl_hf"] = lts["hf"]["cpu_median"] / trl["cpu_median"]
+    common.print_table(rows, ["size", "tool", "engine", "median_s", "min_s", "max_s", "cpu_median_s", "cpu_min_s",
+                              "cpu_max_s", "steps", "rollout_s", "reward_s", "peak_rss_gb"],
+                       title="\nseconds per GRPO step, wall and process CPU (all measured steps pooled)")
+    for size, r in ratios.items():
+        line = (f"{size}: lightning_tina ({r['best_engine']}) / TRL = {r['lt_best_over_trl']:.2f} wall, "
+                f"{r['cpu_lt_best_over_trl']:.2f} CPU")
+        if "lt_hf_over_trl_hf" in r:
+            line += f"; both on HF generate: {r['lt_hf_over_trl_hf']:.2f} wall, {r['cpu_lt_hf_over_trl_hf']:.2f} CPU"
+        print(line)
+    common.emit_json({"bench": "vs_trl", "settings": {k: v for k, v in vars(args).items() if k != "worker"},
+                      "results": summary, "ratios": ratios, "machine": common.machine()})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the options; run as orchestrator, as one worker run, or (--gpu / --train-only) the training part."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["tiny", "18m"], choices=["tiny", "18m"])
+    p.add_argument("--lt-engines", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"],
+                   help="lightning_tina engines to run (TRL always uses generate)")
+    p.add_argument("--rounds", type=int, default=2, help="runs per (tool, engine, size), order rotated each round")
+    p.add_argument("--steps", type=int, default=10, help="measured steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per run (at least 1)")
+    p.add_argument("--tokens", type=int, default=64, help="completion tokens, forced")
+    p.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads, the same for every run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny-dir", default=None, help="the tiny model (default data/tiny, else /tmp/tiny_exp1)")
+    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "lightning_tina_bench"),
+                   help="where random-weight models are built (reused when present)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds before a run is abandoned")
+    p.add_argument("--worker", choices=["lt", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--engine", default="hf", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1: a step's time is measured from the end of the previous step")
+    if args.worker:
+        worker(args)
+    else:
+        orchestrate(args)
+
+
+if __name__ == "__main__":
+    main()
