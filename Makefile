@@ -1,12 +1,12 @@
 # The two quick-start commands. Each builds its own environment (.venv) on first use, from scratch.
 #   make tiny   -> python -m lightning_tina fit --config configs/tiny.yaml
-#   make test   -> the fast test suite, then the vLLM tests
+#   make test   -> lint, then every test that runs without a GPU (fast, slow and vLLM ones)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: tiny test test-all lint install
+.PHONY: tiny test test-fast install
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,7 @@ tiny: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
-	$(BIN)/python -m pytest -m vllm
+	$(BIN)/python -m pytest -m "not gpu"
 
-test-all: $(STAMP)
-	$(BIN)/python -m pytest -m "slow or not slow"
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest

@@ -6,6 +6,7 @@ the ``lightning_tina`` package. Call ``pin_threads`` before importing torch-heav
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -20,11 +21,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 TINY_DIR = REPO / "data" / "tiny"
 TINY_STANDIN = Path("/tmp/tiny_exp1")
-"""Used while ``data/tiny`` is not shipped yet: a tiny model built by ``python -m lightning_tina.tiny.build``."""
+"""Used when ``data/tiny`` is missing: a tiny model built by ``python -m lightning_tina.tiny.build --out DIR``."""
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Random-weight shapes (vocab_size None = the tokenizer's length).
-# 18m: the issue's second size; intermediate 2 * hidden gives 17.9M parameters with the tiny tokenizer's 106 tokens.
+# 18m: the issue's second size; intermediate 2 * hidden gives about 18M parameters with the tiny tokenizer.
 # qwen1.5b: DeepSeek-R1-Distill-Qwen-1.5B's published config.json (no download: only the shape is used).
 SHAPES: dict[str, dict[str, Any]] = {
     "18m": dict(
@@ -50,6 +51,23 @@ SHAPES: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
     ),
 }
+
+
+GPU_SETTINGS: dict[str, Any] = dict(
+    size="qwen1.5b",
+    dtype="bfloat16",
+    precision="bf16",
+    gradient_checkpointing=True,
+    prompt_tokens=512,
+    tokens=3584,
+    lora_r=32,
+    lora_alpha=128,
+    prompts=2,
+    micro_batch=4,
+)
+"""What --gpu means in every bench script: Tina's model shape, lengths (512 prompt + 3,584 completion tokens) and
+LoRA (r=32, alpha=128), bf16 weights with bf16 autocast, gradient checkpointing, 2 prompts x 4 generations trained
+in micro-batches of 4."""
 
 
 def pin_threads(n: int) -> None:
@@ -78,10 +96,12 @@ def tiny_dir(explicit: str | None = None) -> Path:
     )
 
 
-def build_random_qwen2(shape: str, out: Path, tokenizer_dir: Path, dtype: str = "float32", seed: int = 0) -> Path:
+def build_random_qwen2(shape: str, out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     """Save a random-weight Qwen2ForCausalLM of `shape` with the tokenizer of `tokenizer_dir` into `out`.
 
-    Reuses `out` when it already holds a model built with the same shape (the config is compared), so repeated
+    Saved in float32, except the 1.5B shape in bfloat16 (half the disk); the bench scripts load either in the
+    dtype they need.
+    Reuses `out` when it already holds a model built with the same shape, seed and tokenizer, so repeated
     bench runs do not rebuild it. Built on the GPU when there is one (the 1.5B shape takes minutes on a CPU).
     """
     import torch
@@ -99,8 +119,11 @@ def build_random_qwen2(shape: str, out: Path, tokenizer_dir: Path, dtype: str = 
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         bos_token_id=None,
     )
+    dtype = "bfloat16" if shape == "qwen1.5b" else "float32"
     stamp = out / "bench_shape.json"
-    wanted = {"shape": shape, "seed": seed, "dtype": dtype, **spec}
+    tok_file = tokenizer_dir / "tokenizer.json"
+    tok_hash = hashlib.sha256(tok_file.read_bytes()).hexdigest()[:16] if tok_file.exists() else ""
+    wanted = {"shape": shape, "seed": seed, "dtype": dtype, "tokenizer": tok_hash, **spec}
     if stamp.exists() and json.loads(stamp.read_text()) == wanted:
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -143,6 +166,21 @@ def render_prompts(tokenizer: Any, rows: Sequence[dict[str, str]]) -> tuple[list
     texts = [render_prompt(tokenizer, r["problem"], None, None) for r in rows]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     return texts, ids
+
+
+def synthetic_sequences(
+    prompts: int, generations: int, prompt_tokens: int, completion_tokens: int, vocab: int, seed: int = 0
+) -> tuple[Any, Any]:
+    """Random prompt ids [B*G, P] (the G rows of a group share their prompt) and completion ids [B*G, C].
+
+    For timing the training forward/backward at fixed lengths without generating; ids avoid 0-2 (pad/special).
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, vocab, (prompts, prompt_tokens), generator=g).repeat_interleave(generations, 0)
+    completion = torch.randint(3, vocab, (prompts * generations, completion_tokens), generator=g)
+    return prompt, completion  # [B*G, P], [B*G, C]
 
 
 # ---- the reward both tools use: lightning_tina's accuracy + format, weights 1 and 1 -----------------------------
@@ -243,7 +281,9 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: s
         return str(v)
 
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    widths = [
+        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)
+    ]
     if title:
         print(title)
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
@@ -268,7 +308,11 @@ def machine() -> dict[str, Any]:
 
     import torch
 
-    info: dict[str, Any] = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

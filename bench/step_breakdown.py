@@ -70,11 +70,39 @@ def prompt_batches(module: Any, args: argparse.Namespace, n_steps: int) -> list[
         high = len(module.tokenizer)
         ids = torch.randint(3, high, (len(rows), args.prompt_tokens), generator=g).tolist()  # [B*steps, P]
     p = args.prompts
-    return [PromptBatch(prompt_ids=ids[i : i + p], prompts=texts[i : i + p], rows=rows[i : i + p]) for i in range(0, len(rows), p)]
+    return [
+        PromptBatch(prompt_ids=ids[i : i + p], prompts=texts[i : i + p], rows=rows[i : i + p])
+        for i in range(0, len(rows), p)
+    ]
 
 
-def one_step(module: Any, engine: Any, opt: Any, batch: Any, args: argparse.Namespace, t: common.PhaseTimer) -> int:
-    """Run one GRPO step with a timer around each phase; returns the number of generated tokens."""
+def synthetic_rollouts(module: Any, args: argparse.Namespace, step: int) -> Any:
+    """Rollouts of random tokens with exactly --prompt-tokens + --tokens per row (no generation, no text)."""
+    import torch
+
+    from lightning_tina.types import Rollouts
+
+    vocab = module.policy.get_base_model().config.vocab_size
+    prompt, completion = common.synthetic_sequences(
+        args.prompts, args.generations, args.prompt_tokens or 32, args.tokens, vocab, args.seed + step
+    )  # [N, P], [N, C]
+    ids = torch.cat([prompt, completion], 1).to(args.device)  # [N, P+C]
+    n = ids.shape[0]
+    return Rollouts(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),  # [N, P+C]
+        completion_mask=torch.ones_like(completion, device=args.device),  # [N, C]
+        completions=[""] * n,
+        rows=[{"problem": "", "solution": "$0$"}] * n,
+        truncated=torch.ones(n, dtype=torch.bool),
+        engine_logprobs=None,
+    )
+
+
+def one_step(
+    module: Any, engine: Any, opt: Any, batch: Any, args: argparse.Namespace, t: common.PhaseTimer
+) -> tuple[int, int]:
+    """Run one GRPO step with a timer around each phase; returns (generated tokens, tokens trained on)."""
     import torch
 
     from lightning_tina import grpo
@@ -82,34 +110,51 @@ def one_step(module: Any, engine: Any, opt: Any, batch: Any, args: argparse.Name
     from lightning_tina.rollout.batch import make_rollouts
 
     g = module.grpo
-    with t.phase("sync"):
-        engine.sync(module.policy, module.policy_version)
-        if hasattr(engine, "_push_pending"):  # the vLLM engine loads the snapshot lazily: time it here, not in rollout
-            engine._engine()
-            engine._push_pending()
-    with t.phase("rollout"):
-        sampling = SamplingConfig(max_new_tokens=args.tokens, temperature=1.0)
-        gens = engine.generate(batch.prompt_ids, g.num_generations, sampling)
-        rollouts = make_rollouts(batch, gens, g.num_generations, module.tokenizer)
-        rollouts = rollouts._replace(
-            input_ids=rollouts.input_ids.to(args.device),
-            attention_mask=rollouts.attention_mask.to(args.device),
-            completion_mask=rollouts.completion_mask.to(args.device),
-            engine_logprobs=None,  # the trainer-side log-prob check is not part of this breakdown
+    amp = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    if engine is None:  # --synthetic: the training part only
+        rollouts = batch
+        adv = torch.randn(rollouts.input_ids.shape[0], generator=torch.Generator().manual_seed(0)).to(
+            args.device
         )
-    with t.phase("reward"):
-        scores = module.rewards(rollouts.completions, rollouts.rows)
-        adv = grpo.group_advantages(scores.total.to(args.device), g.num_generations, g.scale_rewards)  # [N]
-    with t.phase("ref_logps"):
+        tokens = 0
+    else:
+        with t.phase("sync"):
+            engine.sync(module.policy, module.policy_version)
+            if hasattr(
+                engine, "_push_pending"
+            ):  # vLLM loads the snapshot lazily: time it here, not in rollout
+                engine._engine()
+                engine._push_pending()
+        with t.phase("rollout"), amp:
+            sampling = SamplingConfig(max_new_tokens=args.tokens, temperature=1.0)
+            gens = engine.generate(batch.prompt_ids, g.num_generations, sampling)
+            rollouts = make_rollouts(batch, gens, g.num_generations, module.tokenizer)
+            rollouts = rollouts._replace(
+                input_ids=rollouts.input_ids.to(args.device),
+                attention_mask=rollouts.attention_mask.to(args.device),
+                completion_mask=rollouts.completion_mask.to(args.device),
+                engine_logprobs=None,  # the trainer-side log-prob check is not part of this breakdown
+            )
+            tokens = sum(len(x.token_ids) for x in gens)
+        with t.phase("reward"):
+            scores = module.rewards(rollouts.completions, rollouts.rows)
+            adv = grpo.group_advantages(
+                scores.total.to(args.device), g.num_generations, g.scale_rewards
+            )  # [N]
+    with t.phase("ref_logps"), amp:
         ref = module._frozen_logprobs(rollouts, reference=True) if g.beta > 0 else None  # [N, C]
     mask = rollouts.completion_mask  # [N, C]
     n, c = mask.shape
     opt.zero_grad()
     module.policy.train()
     for sl in module._micro_batches(rollouts):
-        with t.phase("policy_forward"):
-            logps, _ = module.sequence_logprobs(module.policy, rollouts.input_ids[sl], rollouts.attention_mask[sl], c)
-            per_token, _, _ = grpo.clipped_surrogate(logps, logps.detach(), adv[sl], g.epsilon_low, g.epsilon_high)
+        with t.phase("policy_forward"), amp:
+            logps, _ = module.sequence_logprobs(
+                module.policy, rollouts.input_ids[sl], rollouts.attention_mask[sl], c
+            )
+            per_token, _, _ = grpo.clipped_surrogate(
+                logps, logps.detach(), adv[sl], g.epsilon_low, g.epsilon_high
+            )
             if ref is not None:
                 per_token = per_token + g.beta * grpo.k3_kl(logps, ref[sl])  # [n', C]
             loss = grpo.aggregate_loss(per_token, mask[sl], g.loss_type, num_sequences=n)
@@ -120,39 +165,57 @@ def one_step(module: Any, engine: Any, opt: Any, batch: Any, args: argparse.Name
         torch.nn.utils.clip_grad_norm_(params, g.max_grad_norm)
         opt.step()
         module.policy_version += 1
-    return sum(len(x.token_ids) for x in gens)
+    return tokens, int(rollouts.attention_mask.sum())
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build everything, run warm-up and measured steps, and return the per-phase medians."""
-    import torch
 
     from lightning_tina.optim import build_optimizer
     from lightning_tina.rollout import make_engine
     from lightning_tina.rollout.vllm import VLLMConfig
 
-    model = common.tiny_dir(args.tiny_dir) if args.size == "tiny" else common.build_random_qwen2(
-        args.size, Path(args.workdir) / f"qwen2-{args.size}", common.tiny_dir(args.tiny_dir),
-        dtype="bfloat16" if args.size == "qwen1.5b" else "float32",
+    model = (
+        common.tiny_dir(args.tiny_dir)
+        if args.size == "tiny"
+        else common.build_random_qwen2(
+            args.size, Path(args.workdir) / f"qwen2-{args.size}", common.tiny_dir(args.tiny_dir)
+        )
     )
     rss_before = common.rss_bytes()
     module = build_module(str(model), args)
     # Forced length: HF generate takes min_new_tokens from the model's generation config; vLLM ignores EOS.
     module.policy.get_base_model().generation_config.min_new_tokens = args.tokens
     vllm_cfg = VLLMConfig(ignore_eos=True, kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len)
-    engine = make_engine(args.engine, model_name=str(model), policy=module.policy, tokenizer=module.tokenizer,
-                         dtype=args.dtype, lora_rank=args.lora_r, vllm=vllm_cfg)
+    engine = (
+        None
+        if args.synthetic
+        else make_engine(
+            args.engine,
+            model_name=str(model),
+            policy=module.policy,
+            tokenizer=module.tokenizer,
+            dtype=args.dtype,
+            lora_rank=args.lora_r,
+            vllm=vllm_cfg,
+        )
+    )
     params = [p for p in module.policy.parameters() if p.requires_grad]
     opt, _ = build_optimizer(params, module.optim, args.warmup + args.steps)
-    batches = prompt_batches(module, args, args.warmup + args.steps)
+    n_steps = args.warmup + args.steps
+    if args.synthetic:
+        batches = [synthetic_rollouts(module, args, i) for i in range(n_steps)]
+    else:
+        batches = prompt_batches(module, args, n_steps)
     wall: dict[str, list[float]] = {p: [] for p in PHASES + ["step"]}
     cpu: dict[str, list[float]] = {p: [] for p in PHASES + ["step"]}
     peaks: dict[str, int] = {}
     tokens_per_s: list[float] = []
+    train_tokens_per_s: list[float] = []  # prompt + completion tokens through reference, forward and backward
     for i, batch in enumerate(batches):
         t = common.PhaseTimer()
         c0, w0 = time.process_time(), time.perf_counter()
-        tokens = one_step(module, engine, opt, batch, args, t)
+        tokens, trained = one_step(module, engine, opt, batch, args, t)
         w1, c1 = time.perf_counter(), time.process_time()
         print(f"step {i}{' (warm-up)' if i < args.warmup else ''}: {w1 - w0:.3f} s", flush=True)
         if i < args.warmup:
@@ -162,10 +225,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cpu[p].append(t.cpu_seconds.get(p, 0.0))
         wall["step"].append(w1 - w0)
         cpu["step"].append(c1 - c0)
-        tokens_per_s.append(tokens / t.seconds["rollout"])
+        if tokens:
+            tokens_per_s.append(tokens / t.seconds["rollout"])
+        train_s = sum(t.seconds.get(p, 0.0) for p in ("ref_logps", "policy_forward", "backward"))
+        train_tokens_per_s.append(trained / train_s)
         for p, b in t.peak_bytes.items():
             peaks[p] = max(peaks.get(p, 0), b)
-    engine.close()
+    if engine is not None:
+        engine.close()
     med = {p: common.spread(v)["median"] for p, v in wall.items()}
     return {
         "bench": "step_breakdown",
@@ -177,6 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "step_spread_s": common.spread(wall["step"]),
         "cpu_median_s": {p: common.spread(v)["median"] for p, v in cpu.items()},
         "tokens_per_s": common.spread(tokens_per_s)["median"],
+        "train_tokens_per_s": common.spread(train_tokens_per_s)["median"],
         "peak_gb_by_phase": {p: b / 1e9 for p, b in peaks.items()},
         "rss_before_gb": rss_before / 1e9,
         **common.peak_memory(),
@@ -194,13 +262,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--tokens", type=int, default=64, help="completion tokens, forced")
-    p.add_argument("--prompt-tokens", type=int, default=0, help="random prompts of this length (0: tiny-task prompts)")
+    p.add_argument(
+        "--prompt-tokens", type=int, default=0, help="random prompts of this length (0: tiny-task prompts)"
+    )
     p.add_argument("--micro-batch", type=int, default=0, help="completions per forward/backward (0: all)")
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (weights stay)"
+    )
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="training part only: random prompt + completion tokens, no engine, no reward",
+    )
     p.add_argument("--steps", type=int, default=3, help="measured steps")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
@@ -209,9 +287,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-model-len", type=int, default=4608, help="vLLM: longest prompt + completion")
     p.add_argument("--tiny-dir", default=None)
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "lightning_tina_bench"))
-    p.add_argument("--gpu", action="store_true",
-                   help="CUDA, 1.5B-shaped random Qwen2, bf16, gradient checkpointing, 512 prompt + 3584 tokens, "
-                        "vLLM, LoRA r=32 alpha=128 (Tina's), micro-batch 4")
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="CUDA, vLLM, and common.GPU_SETTINGS: 1.5B-shaped random Qwen2, bf16, gradient "
+        "checkpointing, 512 prompt + 3584 completion tokens, LoRA r=32 alpha=128, micro-batch 4",
+    )
     args = p.parse_args(argv)
     args.device = "cpu"
     if args.gpu:
@@ -219,21 +300,33 @@ def main(argv: list[str] | None = None) -> None:
 
         if not torch.cuda.is_available():
             p.error("--gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
-        args.device, args.size, args.dtype, args.gradient_checkpointing = "cuda", "qwen1.5b", "bfloat16", True
-        args.engine, args.prompt_tokens, args.tokens = "vllm", 512, 3584
-        args.lora_r, args.lora_alpha, args.micro_batch = 32, 128, args.micro_batch or 4
+        vars(args).update(common.GPU_SETTINGS, device="cuda", engine="vllm")
     common.pin_threads(args.threads)
     r = run(args)
     wall, cpu = r["median_s"], r["cpu_median_s"]
-    rows = [{"phase": ph, "wall_s": wall[ph], "cpu_s": cpu[ph], "cpu_share": cpu[ph] / cpu["step"],
-             "peak_gb": r["peak_gb_by_phase"].get(ph, float("nan"))} for ph in PHASES + ["step"]]
-    title = (f"\n{Path(r['model']).name} ({r['parameters'] / 1e6:.1f}M), engine {args.engine}, {args.prompts}x"
-             f"{args.generations}x{args.tokens} tokens, {args.steps} steps, load {r['load_avg']:.1f}")
-    common.print_table(rows, ["phase", "wall_s", "cpu_s", "cpu_share"] + (["peak_gb"] if args.gpu else []),
-                       title=title)
+    rows = [
+        {
+            "phase": ph,
+            "wall_s": wall[ph],
+            "cpu_s": cpu[ph],
+            "cpu_share": cpu[ph] / cpu["step"],
+            "peak_gb": r["peak_gb_by_phase"].get(ph, float("nan")),
+        }
+        for ph in PHASES + ["step"]
+    ]
+    title = (
+        f"\n{Path(r['model']).name} ({r['parameters'] / 1e6:.1f}M), engine {args.engine}, {args.prompts}x"
+        f"{args.generations}x{args.tokens} tokens, {args.steps} steps, load {r['load_avg']:.1f}"
+    )
+    common.print_table(
+        rows, ["phase", "wall_s", "cpu_s", "cpu_share"] + (["peak_gb"] if args.gpu else []), title=title
+    )
     sp = r["step_spread_s"]
-    print(f"step: median {sp['median']:.3f} s (min {sp['min']:.3f}, max {sp['max']:.3f}), process CPU "
-          f"{cpu['step']:.3f} s; rollout {r['tokens_per_s']:.0f} tokens/s; peak RSS {r['peak_rss_gb']:.2f} GB")
+    print(
+        f"step: median {sp['median']:.3f} s (min {sp['min']:.3f}, max {sp['max']:.3f}), process CPU "
+        f"{cpu['step']:.3f} s; rollout {r['tokens_per_s']:.0f} tokens/s; training (reference + forward + backward) "
+        f"{r['train_tokens_per_s']:.0f} tokens/s; peak RSS {r['peak_rss_gb']:.2f} GB"
+    )
     common.emit_json(r)
 
 

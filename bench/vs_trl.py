@@ -36,7 +36,9 @@ PROMPTS, GENERATIONS, BETA, LORA_R, LORA_ALPHA, LR = 8, 4, 0.04, 8, 32, 1e-6
 # ---- workers (one per subprocess) ------------------------------------------------------------------------------
 
 
-def _prompt_data(model_dir: str, n_steps: int, seed: int) -> tuple[Any, list[dict], list[str], list[list[int]]]:
+def _prompt_data(
+    model_dir: str, n_steps: int, seed: int
+) -> tuple[Any, list[dict], list[str], list[list[int]]]:
     from lightning_tina.policy import load_tokenizer
 
     tok = load_tokenizer(model_dir)
@@ -68,7 +70,9 @@ def run_lightning_tina(args: argparse.Namespace) -> dict[str, Any]:
     n_steps = args.warmup + args.steps
     tok, rows, texts, ids = _prompt_data(args.model, n_steps, args.seed)
     batches = [
-        PromptBatch(prompt_ids=ids[i : i + PROMPTS], prompts=texts[i : i + PROMPTS], rows=rows[i : i + PROMPTS])
+        PromptBatch(
+            prompt_ids=ids[i : i + PROMPTS], prompts=texts[i : i + PROMPTS], rows=rows[i : i + PROMPTS]
+        )
         for i in range(0, len(rows), PROMPTS)
     ]
     n = PROMPTS * GENERATIONS
@@ -92,7 +96,9 @@ def run_lightning_tina(args: argparse.Namespace) -> dict[str, Any]:
         vllm=VLLMConfig(ignore_eos=True, kv_cache_gib=0.5),
     )
     ends: list[float] = []
-    cpu_ends: list[float] = []  # process CPU time: far less sensitive than wall time to other users of the cores
+    cpu_ends: list[
+        float
+    ] = []  # process CPU time: far less sensitive than wall time to other users of the cores
     phases: dict[str, list[float]] = {}
     lengths: list[float] = []
 
@@ -109,6 +115,7 @@ def run_lightning_tina(args: argparse.Namespace) -> dict[str, Any]:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
+        precision="bf16-mixed" if args.precision == "bf16" else "32-true",  # autocast, as TRL's bf16=True
         max_steps=n_steps,
         logger=False,
         enable_checkpointing=False,
@@ -166,7 +173,9 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
             return self._timed(name, super()._get_per_token_logps_and_entropies, *a, **kw)
 
     ends: list[float] = []
-    cpu_ends: list[float] = []  # process CPU time: far less sensitive than wall time to other users of the cores
+    cpu_ends: list[
+        float
+    ] = []  # process CPU time: far less sensitive than wall time to other users of the cores
     lengths: list[float] = []
 
     class Clock(TrainerCallback):
@@ -199,8 +208,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         save_strategy="no",
         disable_tqdm=True,
         shuffle_dataset=False,
-        bf16=False,  # TRL's defaults are bf16 and gradient checkpointing; both tools run float32 without
-        gradient_checkpointing=False,
+        bf16=args.precision == "bf16",  # TRL's default is bf16 autocast; float32 unless --precision bf16
+        gradient_checkpointing=False,  # TRL's default is on; lightning_tina's is off
         use_cpu=True,
         seed=args.seed,
         dataloader_num_workers=0,
@@ -213,7 +222,11 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         train_dataset=dataset,
         processing_class=tok,
         peft_config=LoraConfig(
-            r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=common.LORA_TARGETS, task_type="CAUSAL_LM"
+            r=LORA_R,
+            lora_alpha=LORA_ALPHA,
+            lora_dropout=0.0,
+            target_modules=common.LORA_TARGETS,
+            task_type="CAUSAL_LM",
         ),
         callbacks=[Clock()],
     )
@@ -227,11 +240,105 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def run_trl_training_part(args: argparse.Namespace) -> dict[str, Any]:
+    """TRL's own loss code on fixed random rollouts: reference log-probs, then compute_loss + backward per
+    micro-batch, as its training step runs them (generation and rewards excluded). Mirrors
+    `step_breakdown.py --synthetic` phase for phase."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    gpu = args.device == "cuda"
+    n, micro = args.prompts * GENERATIONS, args.micro_batch or args.prompts * GENERATIONS
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
+        per_device_train_batch_size=n,
+        num_generations=GENERATIONS,
+        max_completion_length=args.tokens,
+        beta=BETA,
+        loss_type="grpo",
+        bf16=args.precision == "bf16",
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        report_to="none",
+        use_cpu=not gpu,
+    )
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype),
+        reward_funcs=[common.trl_format],
+        args=config,
+        train_dataset=Dataset.from_dict({"prompt": ["x"] * n}),
+        peft_config=LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=common.LORA_TARGETS,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    model, device = trainer.model, trainer.accelerator.device
+    if args.gradient_checkpointing:  # Trainer.train() would enable it; the loss is driven directly here
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer.current_gradient_accumulation_steps = -(-n // micro)  # the loss divides by the accumulation steps
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    vocab = model.get_base_model().config.vocab_size
+    wall: dict[str, list[float]] = {"ref_logps": [], "forward_backward": [], "optimizer": []}
+    tokens_per_s, peak = [], 0
+    for step in range(args.warmup + args.steps):
+        prompt, completion = common.synthetic_sequences(
+            args.prompts, GENERATIONS, args.prompt_tokens, args.tokens, vocab, args.seed + step
+        )  # [N, P], [N, C]
+        prompt, completion = prompt.to(device), completion.to(device)
+        ids = torch.cat([prompt, completion], 1)  # [N, P+C]
+        t = common.PhaseTimer()
+        model.train()
+        with t.phase("ref_logps"), torch.no_grad(), model.disable_adapter():
+            ref, _, _ = trainer._get_per_token_logps_and_entropies(
+                model, ids, torch.ones_like(ids), args.tokens, batch_size=micro
+            )  # [N, C]
+        advantages = torch.randn(n, generator=torch.Generator().manual_seed(step)).to(device)  # [N]
+        opt.zero_grad()
+        for i in range(0, n, micro):
+            sl = slice(i, i + micro)
+            inputs = {
+                "prompt_ids": prompt[sl],
+                "prompt_mask": torch.ones_like(prompt[sl]),
+                "completion_ids": completion[sl],
+                "completion_mask": torch.ones_like(completion[sl]),
+                "advantages": advantages[sl],
+                "ref_per_token_logps": ref[sl],
+                "old_per_token_logps": None,
+            }
+            with t.phase("forward_backward"):
+                trainer.accelerator.backward(trainer.compute_loss(model, inputs))
+        with t.phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
+            opt.step()
+        print(f"step {step}: {sum(t.seconds.values()):.3f} s", flush=True)
+        if step < args.warmup:
+            continue
+        for k in wall:
+            wall[k].append(t.seconds[k])
+        tokens_per_s.append(ids.numel() / (t.seconds["ref_logps"] + t.seconds["forward_backward"]))
+        peak = max([peak, *t.peak_bytes.values()])
+    return {
+        "median_s": {k: common.spread(v)["median"] for k, v in wall.items()},
+        "train_tokens_per_s": common.spread(tokens_per_s)["median"],
+        "train_peak_gb": peak / 1e9,
+    }
+
+
 def worker(args: argparse.Namespace) -> None:
     """Entry point of one run: pin threads, train, print one JSON record."""
     common.pin_threads(args.threads)
     start = time.perf_counter()
-    out = run_trl(args) if args.worker == "trl" else run_lightning_tina(args)
+    if args.worker == "trl-train":
+        out = run_trl_training_part(args)
+    else:
+        out = run_trl(args) if args.worker == "trl" else run_lightning_tina(args)
     out.update(
         tool=args.worker,
         engine=args.engine,
@@ -250,8 +357,13 @@ def worker(args: argparse.Namespace) -> None:
 def _run(tool: str, engine: str, model: Path, args: argparse.Namespace) -> dict[str, Any] | None:
     cmd = [sys.executable, __file__, "--worker", tool, "--engine", engine, "--model", str(model)]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--tokens", str(args.tokens)]
-    cmd += ["--threads", str(args.threads), "--seed", str(args.seed)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(common.REPO), TOKENIZERS_PARALLELISM="false")
+    cmd += ["--threads", str(args.threads), "--seed", str(args.seed), "--precision", args.precision]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        PYTHONPATH=str(common.REPO),
+        TOKENIZERS_PARALLELISM="false",
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     records = common.parse_json_lines(proc.stdout)
     if proc.returncode or not records:
@@ -286,71 +398,266 @@ def orchestrate(args: argparse.Namespace) -> None:
                 if rec is not None:
                     results.setdefault((size, tool, engine), []).append(rec)
                     med = common.spread(rec["step_s"])["median"]
-                    print(f"   round {r}: {tool}/{engine}: median {med:.3f} s/step, load {rec['load_avg']:.1f}")
+                    print(
+                        f"   round {r}: {tool}/{engine}: median {med:.3f} s/step, load {rec['load_avg']:.1f}"
+                    )
     rows, summary = [], {}
     for (size, tool, engine), recs in results.items():
         steps = [s for rec in recs for s in rec["step_s"]]
         sp = common.spread(steps)
         cpu = common.spread([s for rec in recs for s in rec["cpu_step_s"]])
-        phases = {p: common.spread([rec["phases"][p] for rec in recs if p in rec["phases"]])["median"]
-                  for p in sorted({p for rec in recs for p in rec["phases"]})}
-        entry = {**sp, "cpu_median": cpu["median"], "cpu_min": cpu["min"], "cpu_max": cpu["max"], "run_medians": [common.spread(rec["step_s"])["median"] for rec in recs], "phases": phases,
-                 "peak_rss_gb": max(rec["peak_rss_gb"] for rec in recs),
-                 "completion_length": sorted({x for rec in recs for x in rec["completion_length"]})}
+        phases = {
+            p: common.spread([rec["phases"][p] for rec in recs if p in rec["phases"]])["median"]
+            for p in sorted({p for rec in recs for p in rec["phases"]})
+        }
+        entry = {
+            **sp,
+            "cpu_median": cpu["median"],
+            "cpu_min": cpu["min"],
+            "cpu_max": cpu["max"],
+            "run_medians": [common.spread(rec["step_s"])["median"] for rec in recs],
+            "phases": phases,
+            "peak_rss_gb": max(rec["peak_rss_gb"] for rec in recs),
+            "completion_length": sorted({x for rec in recs for x in rec["completion_length"]}),
+        }
         summary[f"{size}/{tool}/{engine}"] = entry
-        rows.append({"size": size, "tool": "lightning_tina" if tool == "lt" else "trl", "engine": engine,
-                     "median_s": sp["median"], "min_s": sp["min"], "max_s": sp["max"], "steps": sp["n"],
-                     "cpu_median_s": cpu["median"], "cpu_min_s": cpu["min"], "cpu_max_s": cpu["max"],
-                     "peak_rss_gb": entry["peak_rss_gb"],
-                     **{f"{p}_s": v for p, v in phases.items() if p in ("rollout", "reward")}})
+        rows.append(
+            {
+                "size": size,
+                "tool": "lightning_tina" if tool == "lt" else "trl",
+                "engine": engine,
+                "median_s": sp["median"],
+                "min_s": sp["min"],
+                "max_s": sp["max"],
+                "steps": sp["n"],
+                "cpu_median_s": cpu["median"],
+                "cpu_min_s": cpu["min"],
+                "cpu_max_s": cpu["max"],
+                "peak_rss_gb": entry["peak_rss_gb"],
+                **{f"{p}_s": v for p, v in phases.items() if p in ("rollout", "reward")},
+            }
+        )
     ratios = {}
     for size in models:
         trl = summary.get(f"{size}/trl/hf")
         lts = {e: summary[f"{size}/lt/{e}"] for e in args.lt_engines if f"{size}/lt/{e}" in summary}
         if trl and lts:
             best = min(lts, key=lambda e: lts[e]["median"])
-            ratios[size] = {"best_engine": best, "lt_best_over_trl": lts[best]["median"] / trl["median"],
-                            "cpu_lt_best_over_trl": lts[best]["cpu_median"] / trl["cpu_median"]}
+            ratios[size] = {
+                "best_engine": best,
+                "lt_best_over_trl": lts[best]["median"] / trl["median"],
+                "cpu_lt_best_over_trl": lts[best]["cpu_median"] / trl["cpu_median"],
+            }
             if "hf" in lts:
                 ratios[size]["lt_hf_over_trl_hf"] = lts["hf"]["median"] / trl["median"]
                 ratios[size]["cpu_lt_hf_over_trl_hf"] = lts["hf"]["cpu_median"] / trl["cpu_median"]
-    common.print_table(rows, ["size", "tool", "engine", "median_s", "min_s", "max_s", "cpu_median_s", "cpu_min_s",
-                              "cpu_max_s", "steps", "rollout_s", "reward_s", "peak_rss_gb"],
-                       title="\nseconds per GRPO step, wall and process CPU (all measured steps pooled)")
+    common.print_table(
+        rows,
+        [
+            "size",
+            "tool",
+            "engine",
+            "median_s",
+            "min_s",
+            "max_s",
+            "cpu_median_s",
+            "cpu_min_s",
+            "cpu_max_s",
+            "steps",
+            "rollout_s",
+            "reward_s",
+            "peak_rss_gb",
+        ],
+        title="\nseconds per GRPO step, wall and process CPU (all measured steps pooled)",
+    )
     for size, r in ratios.items():
-        line = (f"{size}: lightning_tina ({r['best_engine']}) / TRL = {r['lt_best_over_trl']:.2f} wall, "
-                f"{r['cpu_lt_best_over_trl']:.2f} CPU")
+        line = (
+            f"{size}: lightning_tina ({r['best_engine']}) / TRL = {r['lt_best_over_trl']:.2f} wall, "
+            f"{r['cpu_lt_best_over_trl']:.2f} CPU"
+        )
         if "lt_hf_over_trl_hf" in r:
             line += f"; both on HF generate: {r['lt_hf_over_trl_hf']:.2f} wall, {r['cpu_lt_hf_over_trl_hf']:.2f} CPU"
         print(line)
-    common.emit_json({"bench": "vs_trl", "settings": {k: v for k, v in vars(args).items() if k != "worker"},
-                      "results": summary, "ratios": ratios, "machine": common.machine()})
+    common.emit_json(
+        {
+            "bench": "vs_trl",
+            "settings": {k: v for k, v in vars(args).items() if k != "worker"},
+            "results": summary,
+            "ratios": ratios,
+            "machine": common.machine(),
+        }
+    )
+
+
+def orchestrate_training_part(args: argparse.Namespace) -> None:
+    """Alternate lightning_tina (`step_breakdown.py --synthetic`) and TRL (its compute_loss) on fixed random
+    rollouts; compare training tokens per second and the allocator's peak."""
+    tiny = common.tiny_dir(args.tiny_dir)
+    model = (
+        tiny
+        if args.size == "tiny"
+        else common.build_random_qwen2(args.size, Path(args.workdir) / f"qwen2-{args.size}", tiny)
+    )
+    shared = [
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+        "--precision",
+        args.precision,
+        "--dtype",
+        args.dtype,
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--tokens",
+        str(args.tokens),
+        "--prompts",
+        str(args.prompts),
+        "--micro-batch",
+        str(args.micro_batch),
+        "--lora-r",
+        str(args.lora_r),
+        "--lora-alpha",
+        str(args.lora_alpha),
+    ] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+    lt_cmd = (
+        [
+            sys.executable,
+            str(Path(__file__).with_name("step_breakdown.py")),
+            "--synthetic",
+            "--size",
+            args.size,
+            "--workdir",
+            args.workdir,
+        ]
+        + (["--gpu"] if args.gpu else [])
+        + shared
+    )
+    trl_cmd = [sys.executable, __file__, "--worker", "trl-train", "--model", str(model)] + shared
+    trl_cmd += ["--device", "cuda" if args.gpu else "cpu"]
+    env = dict(os.environ, PYTHONPATH=str(common.REPO), OMP_NUM_THREADS=str(args.threads))
+    results: dict[str, list[dict[str, Any]]] = {"lightning_tina": [], "trl": []}
+    for r in range(args.rounds):
+        order = [("lightning_tina", lt_cmd), ("trl", trl_cmd)]
+        for tool, cmd in order if r % 2 == 0 else order[::-1]:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+            recs = common.parse_json_lines(proc.stdout)
+            if proc.returncode or not recs:
+                tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+                print(f"!! {tool} failed (exit {proc.returncode}):\n{tail}", flush=True)
+                continue
+            results[tool].append(recs[-1])
+            print(f"   round {r}: {tool}: {recs[-1]['train_tokens_per_s']:.0f} training tokens/s", flush=True)
+    rows = []
+    for tool, recs in results.items():
+        if not recs:
+            continue
+        peak = [x["peak_gb_by_phase"] for x in recs] if tool == "lightning_tina" else []
+        peak_gb = (
+            max(max(p.values(), default=float("nan")) for p in peak)
+            if peak
+            else max(x["train_peak_gb"] for x in recs)
+        )
+        tps = common.spread([x["train_tokens_per_s"] for x in recs])
+        rows.append(
+            {
+                "tool": tool,
+                "tokens_per_s": tps["median"],
+                "min": tps["min"],
+                "max": tps["max"],
+                "runs": tps["n"],
+                "peak_gb": peak_gb if args.gpu else float("nan"),
+                "peak_rss_gb": max(x["peak_rss_gb"] for x in recs),
+            }
+        )
+    common.print_table(
+        rows,
+        ["tool", "tokens_per_s", "min", "max", "runs", "peak_gb", "peak_rss_gb"],
+        title="\ntraining part (reference log-probs + forward + backward), median of run medians",
+    )
+    common.emit_json(
+        {
+            "bench": "vs_trl_training_part",
+            "model": str(model),
+            "settings": vars(args),
+            "rows": rows,
+            "runs": results,
+            "machine": common.machine(),
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the options; run as orchestrator, as one worker run, or (--gpu / --train-only) the training part."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", nargs="+", default=["tiny", "18m"], choices=["tiny", "18m"])
-    p.add_argument("--lt-engines", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"],
-                   help="lightning_tina engines to run (TRL always uses generate)")
-    p.add_argument("--rounds", type=int, default=2, help="runs per (tool, engine, size), order rotated each round")
+    p.add_argument(
+        "--lt-engines",
+        nargs="+",
+        default=["hf", "vllm"],
+        choices=["hf", "vllm"],
+        help="lightning_tina engines to run (TRL always uses generate)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=2, help="runs per (tool, engine, size), order rotated each round"
+    )
     p.add_argument("--steps", type=int, default=10, help="measured steps per run")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per run (at least 1)")
     p.add_argument("--tokens", type=int, default=64, help="completion tokens, forced")
     p.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads, the same for every run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="fp32: float32 throughout; bf16: bf16 autocast in training (TRL bf16=True, Lightning "
+        "bf16-mixed); weights and rollout engines stay float32",
+    )
     p.add_argument("--tiny-dir", default=None, help="the tiny model (default data/tiny, else /tmp/tiny_exp1)")
-    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "lightning_tina_bench"),
-                   help="where random-weight models are built (reused when present)")
+    p.add_argument(
+        "--workdir",
+        default=str(Path(tempfile.gettempdir()) / "lightning_tina_bench"),
+        help="where random-weight models are built (reused when present)",
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds before a run is abandoned")
-    p.add_argument("--worker", choices=["lt", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["lt", "trl", "trl-train"], help=argparse.SUPPRESS)
     p.add_argument("--engine", default="hf", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    t = p.add_argument_group("training part (--train-only, --gpu): fixed random rollouts, no generation")
+    t.add_argument("--train-only", action="store_true", help="compare only the training forward/backward")
+    t.add_argument(
+        "--gpu", action="store_true", help="--train-only on CUDA with common.GPU_SETTINGS (1.5B shape)"
+    )
+    t.add_argument("--size", default="18m", choices=["tiny", "18m", "qwen1.5b"])
+    t.add_argument("--prompts", type=int, default=PROMPTS)
+    t.add_argument("--prompt-tokens", type=int, default=32)
+    t.add_argument("--micro-batch", type=int, default=0, help="sequences per forward/backward (0: all)")
+    t.add_argument("--lora-r", type=int, default=LORA_R)
+    t.add_argument("--lora-alpha", type=int, default=LORA_ALPHA)
+    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    t.add_argument("--gradient-checkpointing", action="store_true")
     args = p.parse_args(argv)
+    if args.gpu and not args.worker:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
+        vars(args).update(common.GPU_SETTINGS, train_only=True)
+        if "--steps" not in (argv or sys.argv):
+            args.steps = (
+                3  # each step trains 8 x 4,096 tokens; 3 measured steps per run keep the GPU time short
+            )
     if args.warmup < 1:
         p.error("--warmup must be at least 1: a step's time is measured from the end of the previous step")
     if args.worker:
         worker(args)
+    elif args.train_only:
+        orchestrate_training_part(args)
     else:
         orchestrate(args)
 

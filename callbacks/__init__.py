@@ -2,12 +2,14 @@
 
 rollout.RolloutCallback owns the rollout engine; benchmark.BenchmarkEval evaluates the policy during fit;
 adapter_checkpoint.AdapterCheckpoint saves the adapter in PEFT layout; resume.ResumeCheckpoint saves the full
-training state atomically (also on SIGTERM/SIGINT) for `fit --ckpt_path last`.
+training state atomically (also on SIGTERM/SIGINT) for `fit --ckpt_path last`; cost.CostTracker logs
+accelerator-hours and dollars split into training and evaluation.
 """
 
 from lightning_tina.callbacks.adapter_checkpoint import AdapterCheckpoint
 from lightning_tina.callbacks.benchmark import BenchmarkEval
+from lightning_tina.callbacks.cost import CostTracker
 from lightning_tina.callbacks.resume import ResumeCheckpoint
 from lightning_tina.callbacks.rollout import RolloutCallback
 
-__all__ = ["AdapterCheckpoint", "BenchmarkEval", "ResumeCheckpoint", "RolloutCallback"]
+__all__ = ["AdapterCheckpoint", "BenchmarkEval", "CostTracker", "ResumeCheckpoint", "RolloutCallback"]

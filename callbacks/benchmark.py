@@ -78,15 +78,7 @@ class BenchmarkEval(L.Callback):
             result = evaluate(engine, pl_module.tokenizer, self._load(), self.sampling, self.k, self.strict)
         step = trainer.global_step
         self.history.append((step, result))
-        metrics: dict[str, float] = {}
-        for name, s in result.scores.items():
-            metrics[f"bench/{name}/pass@1"] = s.pass_at_1
-            metrics[f"bench/{name}/pass@1_stderr"] = s.stderr
-            for j, v in s.pass_at.items():
-                if j > 1:
-                    metrics[f"bench/{name}/pass@{j}"] = v
-            metrics[f"bench/{name}/truncated"] = s.truncated / max(1, s.problems * s.k)
-        metrics["bench/average_pass@1"] = result.average
+        metrics = result.metrics(prefix="bench")
         finite = {k: v for k, v in metrics.items() if not math.isnan(v)}
         if trainer.logger is not None:
             trainer.logger.log_metrics(finite, step=step)

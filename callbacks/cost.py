@@ -29,10 +29,15 @@ class CostTracker(L.Callback):
     """
 
     def __init__(
-        self, cost_per_gpu_hour: float = TINA_COST_PER_GPU_HOUR, extra_devices: int = 0, devices: int | None = None
+        self,
+        cost_per_gpu_hour: float = TINA_COST_PER_GPU_HOUR,
+        extra_devices: int = 0,
+        devices: int | None = None,
     ) -> None:
         if cost_per_gpu_hour < 0:
-            raise ValueError(f"CostTracker cost_per_gpu_hour={cost_per_gpu_hour} must be >= 0 (dollars per hour)")
+            raise ValueError(
+                f"CostTracker cost_per_gpu_hour={cost_per_gpu_hour} must be >= 0 (dollars per hour)"
+            )
         if extra_devices < 0:
             raise ValueError(f"CostTracker extra_devices={extra_devices} must be >= 0")
         if devices is not None and devices < 1:
@@ -85,7 +90,9 @@ class CostTracker(L.Callback):
         """The cost so far."""
         return summarize(self.ledger.elapsed(), self._devices, self.cost_per_gpu_hour)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         pl_module.log_dict(self.current().metrics(), on_step=True, on_epoch=False)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

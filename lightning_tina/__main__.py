@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,10 @@ class TinaCLI(LightningCLI):
 def cli_main(args: list[str] | None = None, run: bool = True) -> TinaCLI:
     """Run the CLI with `args` (None: sys.argv); tests call this directly."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Lightning 2.6 trips over its own torch.utils._pytree deprecation on every step: noise, not a problem.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # GRPO steps its optimizer inside training_step; the state after the step is exactly what resume needs.
+    warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
     return TinaCLI(
         GRPOModule,
         ReasoningDataModule,

@@ -165,10 +165,18 @@ class ReasoningDataModule(L.LightningDataModule):
             self.epoch += 1
             self.rows_in_epoch = 0
 
+    def _rank_and_world(self) -> tuple[int, int]:
+        """(global rank, world size) of this process; (0, 1) outside a Trainer."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def _prompts(self, rows: Iterator[dict[str, Any]]) -> Iterator[tuple[list[int], dict[str, Any]]]:
+        rank, world = self._rank_and_world()
         for row in rows:
             if self.source == TINY_SOURCE:
                 self.rows_in_epoch += 1
+            if (self.rows_in_epoch - 1) % world != rank:
+                continue  # another rank's row: every rank reads the one stream and keeps every world-th row
             ids = self.render(row["problem"], row)
             if len(ids) > self.max_prompt_length:
                 self.skipped["too_long"] += 1

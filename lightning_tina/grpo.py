@@ -49,6 +49,8 @@ class GRPOSettings:
     """Sampling temperature; log-probs are computed from logits / temperature. Linked from the rollout sampling."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
+    max_nonfinite_updates: int = 10
+    """Updates with a NaN/inf loss or gradient are skipped and counted; the run stops after this many."""
     tis_cap: float | None = None
     """Truncated importance sampling cap for engine/trainer mismatch (e.g. 2.0); None keeps Tina's semantics."""
     logprob_chunk_tokens: int = 4096

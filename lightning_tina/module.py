@@ -132,6 +132,7 @@ class GRPOModule(L.LightningModule):
         else:
             self.reference = frozen_reference(base)
             self.policy = base
+        self.policy.train()  # from_pretrained returns eval mode; training forwards use train mode throughout
 
     def _require_policy(self) -> torch.nn.Module:
         if self.policy is None:
@@ -147,15 +148,12 @@ class GRPOModule(L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs and entropies of the last `completion_len` tokens of each sequence: ([n, C], [n, C])."""
         backbone, head = backbone_and_head(model)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(
-            min=0
-        )  # [n, T] as generate() numbers left-padded rows
+        # generate() numbers the positions of left-padded rows from their first real token
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [n, T]
         hidden = backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # [n, T, H]
-        hidden = hidden[
-            :, -completion_len - 1 : -1
-        ]  # [n, C, H] the states that predict the completion tokens
+        hidden = hidden[:, -completion_len - 1 : -1]  # [n, C, H]: the states that predict the completion
         targets = input_ids[:, -completion_len:]  # [n, C]
         return grpo.token_logprobs(
             hidden, targets, head.weight, head.bias, self.grpo.temperature, self.grpo.logprob_chunk_tokens
@@ -197,9 +195,7 @@ class GRPOModule(L.LightningModule):
         rollouts = _to_device(self.rollout.rollouts_for(batch, self), self.device)
         t_rollout = time.perf_counter() - t0
 
-        scores = self.rewards(
-            rollouts.completions, rollouts.rows
-        )  # RewardOutput: per_function [N, F], total [N]
+        scores = self.rewards(rollouts.completions, rollouts.rows)  # per_function [N, F], total [N]
         advantages = grpo.group_advantages(
             scores.total.to(self.device), self.grpo.num_generations, self.grpo.scale_rewards
         )  # [N]
@@ -244,15 +240,12 @@ class GRPOModule(L.LightningModule):
                 sums["mismatch"] += float(diff.sum())
                 mismatch_max = torch.maximum(mismatch_max, diff.max().cpu())
                 if g.tis_cap is not None:
-                    w = grpo.truncated_importance_weights(
-                        logps, rollouts.engine_logprobs[sl], g.tis_cap
-                    )  # [n', C]
+                    w = grpo.truncated_importance_weights(logps, rollouts.engine_logprobs[sl], g.tis_cap)
                     per_token = per_token * w
                     sums["tis"] += float((w * m).sum())
-            kl = (
-                grpo.k3_kl(logps, ref_logps[sl]) if ref_logps is not None else torch.zeros_like(logps)
-            )  # [n', C]
+            kl = torch.zeros_like(logps)  # [n', C]
             if ref_logps is not None:
+                kl = grpo.k3_kl(logps, ref_logps[sl])
                 per_token = per_token + g.beta * kl
             loss = grpo.aggregate_loss(
                 per_token,
@@ -280,6 +273,12 @@ class GRPOModule(L.LightningModule):
         else:  # a NaN/inf update would destroy the adapter: skip it and count it
             self.nonfinite_steps += 1
             opt.zero_grad()
+            if self.nonfinite_steps > g.max_nonfinite_updates:
+                raise RuntimeError(
+                    f"{self.nonfinite_steps} updates had a NaN/inf loss or gradient (more than "
+                    f"model.grpo.max_nonfinite_updates={g.max_nonfinite_updates}); lower model.optim.lr, use "
+                    "model.dtype float32 or bfloat16 instead of float16, or check the rewards for NaN"
+                )
         tok = max(num_tokens, 1)
         stats = GRPOStats(
             loss=torch.tensor(sums["loss"]),
@@ -317,26 +316,24 @@ class GRPOModule(L.LightningModule):
             "train/grad_norm": grad_norm,
             "train/nonfinite_skipped": torch.tensor(float(self.nonfinite_steps)),
             "train/lr": torch.tensor(self.lr_schedulers().get_last_lr()[0]),
-            "rewards/checker_timeouts": torch.tensor(float(scores.timeouts)),
             "perf/rollout_s": torch.tensor(t_rollout),
             "perf/reward_s": torch.tensor(t_reward),
             "perf/train_s": torch.tensor(time.perf_counter() - t0 - t_rollout - t_reward),
         }
-        for i, name in enumerate(self.rewards.names):
-            col = scores.per_function[:, i]  # [N]
-            valid = ~torch.isnan(col)
-            metrics[f"rewards/{name}"] = col[valid].mean() if valid.any() else torch.tensor(float("nan"))
-            metrics[f"rewards/{name}_none_frac"] = scores.none_fraction[i]
+        metrics.update(self.rewards.metrics(scores))  # per function: mean, None fraction; checker timeouts
         metrics.update(extra)
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
-        for reason, count in getattr(datamodule, "skipped", {}).items():
-            metrics[f"data/skipped_{reason}"] = float(count)  # dropped rows: too long, or bad by kind
-        sync = self.trainer.world_size > 1  # mean over ranks
-        self.log_dict(
-            {k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()},
-            on_step=True,
-            sync_dist=sync,
-        )
+        sync = self.trainer.world_size > 1
+        maxima = {
+            k: metrics.pop(k)
+            for k in ("train/completion_length_max", "engine/logprob_diff_max")
+            if k in metrics
+        }
+        self.log_dict(_floats(metrics), on_step=True, sync_dist=sync)  # means over ranks
+        self.log_dict(_floats(maxima), on_step=True, sync_dist=sync, reduce_fx="max")
+        datamodule = getattr(self._trainer, "datamodule", None)
+        skipped = {f"data/skipped_{k}": v for k, v in getattr(datamodule, "skipped", {}).items()}
+        # rank 0's own counts: ranks meet different bad rows, and a synced log needs the same keys on every rank
+        self.log_dict(_floats(skipped), on_step=True, rank_zero_only=True)
         self.log("reward", scores.total.mean(), prog_bar=True, on_step=True, logger=False, sync_dist=sync)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
@@ -426,6 +423,10 @@ class GRPOModule(L.LightningModule):
         per_problem = correct.view(-1, s.k).mean(1)  # [B]
         self.log(f"{stage}/pass@1", per_problem.mean(), batch_size=len(batch.rows), prog_bar=True)
         self.log(f"{stage}/pass@{s.k}", (per_problem > 0).float().mean(), batch_size=len(batch.rows))
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()}
 
 
 def _to_device(r: Rollouts, device: torch.device) -> Rollouts:
