@@ -29,7 +29,10 @@ def test_fit_with_vllm_logs_fresh_logprobs_and_tis(tmp_path):
     cfg["trainer"].update(max_steps=3, enable_progress_bar=False)
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
     cfg["trainer"]["callbacks"] = [
-        {"class_path": "lightning_tina.callbacks.BenchmarkEval", "init_args": {"benchmarks": ["tiny_heldout"], "limit": 8, "k": 2}},
+        {
+            "class_path": "lightning_tina.callbacks.BenchmarkEval",
+            "init_args": {"benchmarks": ["tiny_heldout"], "limit": 8, "k": 2},
+        },
     ]
     cfg["trainer"]["enable_checkpointing"] = False
     cfg["model"]["grpo"].update(batch_size=32, tis_cap=2.0)
