@@ -10,7 +10,9 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 TINY = BENCH.parent / "data" / "tiny"
 
-pytestmark = pytest.mark.skipif(not (TINY / "config.json").exists(), reason="data/tiny (the shipped model) is missing")
+pytestmark = pytest.mark.skipif(
+    not (TINY / "config.json").exists(), reason="data/tiny (the shipped model) is missing"
+)
 
 
 def _script(name: str):
@@ -29,11 +31,32 @@ def _record(out: str) -> dict:
 
 def test_step_breakdown_hf_step(capsys):
     _script("step_breakdown").main(
-        ["--size", "tiny", "--engine", "hf", "--prompts", "2", "--generations", "2", "--tokens", "6", "--steps", "1"]
+        [
+            "--size",
+            "tiny",
+            "--engine",
+            "hf",
+            "--prompts",
+            "2",
+            "--generations",
+            "2",
+            "--tokens",
+            "6",
+            "--steps",
+            "1",
+        ]
     )
     r = _record(capsys.readouterr().out)
     assert r["bench"] == "step_breakdown" and r["engine"] == "hf"
-    assert set(r["median_s"]) >= {"rollout", "reward", "ref_logps", "policy_forward", "backward", "optimizer", "step"}
+    assert set(r["median_s"]) >= {
+        "rollout",
+        "reward",
+        "ref_logps",
+        "policy_forward",
+        "backward",
+        "optimizer",
+        "step",
+    }
     assert r["tokens_per_s"] > 0 and r["peak_rss_gb"] > 0
 
 
@@ -56,7 +79,20 @@ def test_logprob_memory_worker(capsys):
 
 def test_vs_trl_lightning_tina_worker(capsys):
     _script("vs_trl").main(
-        ["--worker", "lt", "--engine", "hf", "--model", str(TINY), "--steps", "1", "--warmup", "1", "--tokens", "6"]
+        [
+            "--worker",
+            "lt",
+            "--engine",
+            "hf",
+            "--model",
+            str(TINY),
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--tokens",
+            "6",
+        ]
     )
     r = _record(capsys.readouterr().out)
     assert r["tool"] == "lt" and len(r["step_s"]) == 1 and r["completion_length"] == [6.0]
