@@ -84,7 +84,15 @@ class RolloutCallback(L.Callback):
         self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig, pl_module: L.LightningModule
     ) -> list[Generation]:
         """n completions per prompt from the current policy (group-major)."""
-        return self.current_engine(pl_module).generate(prompt_ids, n, sampling)
+        try:
+            return self.current_engine(pl_module).generate(prompt_ids, n, sampling)
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(
+                f"out of memory while generating {len(prompt_ids)} prompts x {n} completions of up to "
+                f"{sampling.max_new_tokens} tokens. Lower model.grpo.batch_size (fewer prompts per step), "
+                "rollout.sampling.max_new_tokens, rollout.vllm.max_num_seqs or rollout.vllm.gpu_memory_utilization "
+                "(the trainer and vLLM share the GPU), or enable rollout.vllm.enable_sleep_mode"
+            ) from err
 
     def rollouts_for(self, batch: PromptBatch, pl_module: L.LightningModule) -> Rollouts:
         """The training rollouts of one step: G completions for each prompt of the batch, padded."""

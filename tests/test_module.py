@@ -112,3 +112,60 @@ def test_optimizer_step_changes_lora_only(tmp_path):
     assert changed, "no parameter moved"
     assert all("lora_" in n for n in changed), sorted(changed)[:5]
     assert any("lora_B" in n for n in changed)
+
+
+class _OOMEngine:
+    def generate(self, prompt_ids, n, sampling):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+
+def test_out_of_memory_in_generation_names_the_settings():
+    from lightning_tina.callbacks import RolloutCallback
+
+    cb = RolloutCallback(engine="hf", num_generations=4)
+    cb.engine, cb._synced_version = _OOMEngine(), 0
+    m = _module()
+    with pytest.raises(
+        torch.OutOfMemoryError, match="model.grpo.batch_size.*rollout.sampling.max_new_tokens"
+    ):
+        cb.sample([[1, 2, 3]], 4, SamplingConfig(), m)
+
+
+def _fit(m: GRPOModule, tmp_path, steps: int):
+    import lightning as L
+
+    from lightning_tina.callbacks import RolloutCallback
+
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[
+            RolloutCallback(engine="hf", num_generations=4, sampling=SamplingConfig(max_new_tokens=24))
+        ],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(m, datamodule=ReasoningDataModule(tokenizer=TINY, prompts_per_step=2, val_source=None))
+    return trainer
+
+
+def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    from lightning_tina import grpo
+
+    aggregate = grpo.aggregate_loss
+    monkeypatch.setattr(grpo, "aggregate_loss", lambda *a, **k: aggregate(*a, **k) * float("nan"))
+    m = _module(max_nonfinite_updates=1)
+    before = {n: p.detach().clone() for n, p in m.policy.named_parameters()}
+    with pytest.raises(RuntimeError, match="model.grpo.max_nonfinite_updates=1"):
+        _fit(m, tmp_path, steps=5)
+    assert m.policy_version == 0 and m.nonfinite_steps == 2  # both NaN updates were skipped, not applied
+    assert all(torch.equal(p.detach(), before[n]) for n, p in m.policy.named_parameters())
+
+
+def test_num_iterations_reuses_a_rollout_for_several_optimizer_steps(tmp_path):
+    m = _module(num_iterations=2)
+    trainer = _fit(m, tmp_path, steps=2)
+    assert m.policy_version == 2 and trainer.global_step == 2  # one rollout batch, two updates
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 1
