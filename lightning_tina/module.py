@@ -419,7 +419,10 @@ class GRPOModule(L.LightningModule):
         gens = self.rollout.sample(batch.prompt_ids, s.k, sampling, self)
         texts = [decode_completion(self.tokenizer, g.token_ids) for g in gens]
         golds = [batch.rows[i // s.k]["solution"] for i in range(len(gens))]
-        correct = torch.tensor([v.correct for v in check_many(texts, golds, "expr")], dtype=torch.float32)
+        verdicts = check_many(
+            texts, golds, "latex"
+        )  # the accuracy reward's grading (golds are `$...$` or LaTeX)
+        correct = torch.tensor([v.correct for v in verdicts], dtype=torch.float32)
         per_problem = correct.view(-1, s.k).mean(1)  # [B]
         self.log(f"{stage}/pass@1", per_problem.mean(), batch_size=len(batch.rows), prog_bar=True)
         self.log(f"{stage}/pass@{s.k}", (per_problem > 0).float().mean(), batch_size=len(batch.rows))

@@ -80,3 +80,14 @@ def test_fit_two_steps_writes_tensorboard(tmp_path):
     tags = set(acc.Tags()["scalars"])
     for tag in ("train/reward", "train/kl", "train/lr", "rewards/accuracy/mean", "bench/tiny_heldout/pass@1"):
         assert tag in tags, (tag, sorted(tags))
+
+
+def test_validate_scores_the_held_out_prompts():
+    cli = cli_main(
+        [
+            "validate", "--config", str(ROOT / "configs/tiny.yaml"), "--data.val_size", "8",
+            "--model.eval.k", "2", "--model.eval.max_new_tokens", "96", "--trainer.logger", "false",
+        ]
+    )  # fmt: skip
+    metrics = cli.trainer.callback_metrics
+    assert 0.0 <= float(metrics["val/pass@1"]) <= float(metrics["val/pass@2"]) <= 1.0

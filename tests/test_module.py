@@ -88,25 +88,9 @@ def test_unknown_reward_name_is_refused():
 
 
 def test_optimizer_step_changes_lora_only(tmp_path):
-    import lightning as L
-
-    from lightning_tina.callbacks import RolloutCallback
-
     m = _module()
     before = {n: p.detach().clone() for n, p in m.policy.named_parameters()}
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[
-            RolloutCallback(engine="hf", num_generations=4, sampling=SamplingConfig(max_new_tokens=24))
-        ],
-        default_root_dir=tmp_path,
-        limit_val_batches=0,
-    )
-    trainer.fit(m, datamodule=ReasoningDataModule(tokenizer=TINY, prompts_per_step=2, val_source=None))
+    trainer = _fit(m, tmp_path, steps=2)
     assert trainer.global_step == 2 and m.policy_version == 2
     changed = {n for n, p in m.policy.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed, "no parameter moved"
