@@ -82,11 +82,12 @@ def test_fit_two_steps_writes_tensorboard(tmp_path):
         assert tag in tags, (tag, sorted(tags))
 
 
-def test_validate_scores_the_held_out_prompts():
+def test_validate_scores_the_held_out_prompts(tmp_path):
     cli = cli_main(
         [
             "validate", "--config", str(ROOT / "configs/tiny.yaml"), "--data.val_size", "8",
             "--model.eval.k", "2", "--model.eval.max_new_tokens", "96", "--trainer.logger", "false",
+            "--trainer.default_root_dir", str(tmp_path),
         ]
     )  # fmt: skip
     metrics = cli.trainer.callback_metrics
