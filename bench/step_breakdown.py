@@ -125,7 +125,7 @@ def one_step(
             ):  # vLLM loads the snapshot lazily: time it here, not in rollout
                 engine._engine()
                 engine._push_pending()
-        with t.phase("rollout"), amp:
+        with t.phase("rollout"):  # not under autocast: the engines run in their own dtype
             sampling = SamplingConfig(max_new_tokens=args.tokens, temperature=1.0)
             gens = engine.generate(batch.prompt_ids, g.num_generations, sampling)
             rollouts = make_rollouts(batch, gens, g.num_generations, module.tokenizer)
@@ -170,7 +170,6 @@ def one_step(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build everything, run warm-up and measured steps, and return the per-phase medians."""
-
     from lightning_tina.optim import build_optimizer
     from lightning_tina.rollout import make_engine
     from lightning_tina.rollout.vllm import VLLMConfig

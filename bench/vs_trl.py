@@ -10,7 +10,8 @@ and lightning_tina's accuracy + format rewards (weights 1, 1).
 
     python bench/vs_trl.py                          # tiny and 18m, TRL (generate) vs lightning_tina (hf, vllm)
     python bench/vs_trl.py --sizes 18m --rounds 3
-    python bench/vs_trl.py --gpu                    # training part on a 1.5B-shaped Qwen2 (see bench/train_part.py)
+    python bench/vs_trl.py --train-only             # training part only (fixed random rollouts, no generation)
+    python bench/vs_trl.py --gpu                    # training part on a 1.5B-shaped Qwen2 on CUDA
 
 Prints a table and one JSON line (prefix "JSON ").
 """
@@ -354,95 +355,109 @@ def worker(args: argparse.Namespace) -> None:
 # ---- the orchestrator ------------------------------------------------------------------------------------------
 
 
-def _run(tool: str, engine: str, model: Path, args: argparse.Namespace) -> dict[str, Any] | None:
-    cmd = [sys.executable, __file__, "--worker", tool, "--engine", engine, "--model", str(model)]
-    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--tokens", str(args.tokens)]
-    cmd += ["--threads", str(args.threads), "--seed", str(args.seed), "--precision", args.precision]
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=str(args.threads),
-        PYTHONPATH=str(common.REPO),
-        TOKENIZERS_PARALLELISM="false",
-    )
+def _flags(**opts: Any) -> list[str]:
+    """Command-line flags from keyword options (True: a bare flag; False/None: left out)."""
+    out: list[str] = []
+    for key, value in opts.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value not in (False, None):
+            out += [flag, str(value)]
+    return out
+
+
+def _run(cmd: list[str], label: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Run one subprocess with the pinned thread count; its last JSON record, or None (with its output) on failure."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(common.REPO))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     records = common.parse_json_lines(proc.stdout)
     if proc.returncode or not records:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
-        print(f"!! {tool}/{engine} on {model.name} failed (exit {proc.returncode}):\n{tail}", flush=True)
+        print(f"!! {label} failed (exit {proc.returncode}):\n{tail}", flush=True)
         return None
     return records[-1]
 
 
-def _models(args: argparse.Namespace) -> dict[str, Path]:
+def _model(size: str, args: argparse.Namespace) -> Path:
     tiny = common.tiny_dir(args.tiny_dir)
-    out: dict[str, Path] = {}
-    for size in args.sizes:
-        if size == "tiny":
-            out[size] = tiny
-        else:
-            out[size] = common.build_random_qwen2(size, Path(args.workdir) / f"qwen2-{size}", tiny)
-    return out
+    return (
+        tiny
+        if size == "tiny"
+        else common.build_random_qwen2(size, Path(args.workdir) / f"qwen2-{size}", tiny)
+    )
+
+
+def _summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pooled step-time spread (wall and CPU), per-run medians, phase medians and peak RSS of one configuration."""
+    wall = common.spread([s for rec in recs for s in rec["step_s"]])
+    cpu = common.spread([s for rec in recs for s in rec["cpu_step_s"]])
+    names = sorted({p for rec in recs for p in rec["phases"]})
+    return {
+        **wall,
+        **{f"cpu_{k}": cpu[k] for k in ("median", "min", "max")},
+        "run_medians": [common.spread(rec["step_s"])["median"] for rec in recs],
+        "phases": {
+            p: common.spread([rec["phases"][p] for rec in recs if p in rec["phases"]])["median"]
+            for p in names
+        },
+        "peak_rss_gb": max(rec["peak_rss_gb"] for rec in recs),
+        "completion_length": sorted({x for rec in recs for x in rec["completion_length"]}),
+    }
 
 
 def orchestrate(args: argparse.Namespace) -> None:
     """Alternate runs of every (tool, engine) per size; print medians, spreads and ratios."""
     runs = [("trl", "hf")] + [("lt", e) for e in args.lt_engines]
-    results: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    models = _models(args)
-    for size, model in models.items():
+    common_flags = _flags(
+        steps=args.steps,
+        warmup=args.warmup,
+        tokens=args.tokens,
+        threads=args.threads,
+        seed=args.seed,
+        precision=args.precision,
+    )
+    summary: dict[str, dict[str, Any]] = {}
+    rows, ratios = [], {}
+    for size in args.sizes:
+        model = _model(size, args)
         print(f"== {size}: {model} ({common.count_parameters(model) / 1e6:.2f}M parameters)", flush=True)
+        results: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for r in range(args.rounds):
             k = r % len(runs)
             for tool, engine in runs[k:] + runs[:k]:  # rotate: every tool takes every position in turn
-                rec = _run(tool, engine, model, args)
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    *_flags(worker=tool, engine=engine, model=model),
+                    *common_flags,
+                ]
+                rec = _run(cmd, f"{tool}/{engine} on {size}", args)
                 if rec is not None:
-                    results.setdefault((size, tool, engine), []).append(rec)
+                    results.setdefault((tool, engine), []).append(rec)
                     med = common.spread(rec["step_s"])["median"]
                     print(
                         f"   round {r}: {tool}/{engine}: median {med:.3f} s/step, load {rec['load_avg']:.1f}"
                     )
-    rows, summary = [], {}
-    for (size, tool, engine), recs in results.items():
-        steps = [s for rec in recs for s in rec["step_s"]]
-        sp = common.spread(steps)
-        cpu = common.spread([s for rec in recs for s in rec["cpu_step_s"]])
-        phases = {
-            p: common.spread([rec["phases"][p] for rec in recs if p in rec["phases"]])["median"]
-            for p in sorted({p for rec in recs for p in rec["phases"]})
-        }
-        entry = {
-            **sp,
-            "cpu_median": cpu["median"],
-            "cpu_min": cpu["min"],
-            "cpu_max": cpu["max"],
-            "run_medians": [common.spread(rec["step_s"])["median"] for rec in recs],
-            "phases": phases,
-            "peak_rss_gb": max(rec["peak_rss_gb"] for rec in recs),
-            "completion_length": sorted({x for rec in recs for x in rec["completion_length"]}),
-        }
-        summary[f"{size}/{tool}/{engine}"] = entry
-        rows.append(
-            {
-                "size": size,
-                "tool": "lightning_tina" if tool == "lt" else "trl",
-                "engine": engine,
-                "median_s": sp["median"],
-                "min_s": sp["min"],
-                "max_s": sp["max"],
-                "steps": sp["n"],
-                "cpu_median_s": cpu["median"],
-                "cpu_min_s": cpu["min"],
-                "cpu_max_s": cpu["max"],
-                "peak_rss_gb": entry["peak_rss_gb"],
-                **{f"{p}_s": v for p, v in phases.items() if p in ("rollout", "reward")},
-            }
-        )
-    ratios = {}
-    for size in models:
+        for (tool, engine), recs in results.items():
+            s = summary[f"{size}/{tool}/{engine}"] = _summary(recs)
+            rows.append(
+                {
+                    "size": size,
+                    "tool": "lightning_tina" if tool == "lt" else "trl",
+                    "engine": engine,
+                    "steps": s["n"],
+                    "peak_rss_gb": s["peak_rss_gb"],
+                    **{f"{k}_s": s[k] for k in ("median", "min", "max", "cpu_median", "cpu_min", "cpu_max")},
+                    **{f"{p}_s": s["phases"].get(p, float("nan")) for p in ("rollout", "reward")},
+                }
+            )
         trl = summary.get(f"{size}/trl/hf")
         lts = {e: summary[f"{size}/lt/{e}"] for e in args.lt_engines if f"{size}/lt/{e}" in summary}
         if trl and lts:
-            best = min(lts, key=lambda e: lts[e]["median"])
+            best = min(
+                lts, key=lambda e: lts[e]["cpu_median"]
+            )  # CPU time: far less noisy on a shared machine
             ratios[size] = {
                 "best_engine": best,
                 "lt_best_over_trl": lts[best]["median"] / trl["median"],
@@ -451,37 +466,25 @@ def orchestrate(args: argparse.Namespace) -> None:
             if "hf" in lts:
                 ratios[size]["lt_hf_over_trl_hf"] = lts["hf"]["median"] / trl["median"]
                 ratios[size]["cpu_lt_hf_over_trl_hf"] = lts["hf"]["cpu_median"] / trl["cpu_median"]
+    columns = (
+        "size tool engine median_s min_s max_s cpu_median_s cpu_min_s cpu_max_s steps rollout_s reward_s"
+    )
     common.print_table(
         rows,
-        [
-            "size",
-            "tool",
-            "engine",
-            "median_s",
-            "min_s",
-            "max_s",
-            "cpu_median_s",
-            "cpu_min_s",
-            "cpu_max_s",
-            "steps",
-            "rollout_s",
-            "reward_s",
-            "peak_rss_gb",
-        ],
+        [*columns.split(), "peak_rss_gb"],
         title="\nseconds per GRPO step, wall and process CPU (all measured steps pooled)",
     )
     for size, r in ratios.items():
-        line = (
-            f"{size}: lightning_tina ({r['best_engine']}) / TRL = {r['lt_best_over_trl']:.2f} wall, "
-            f"{r['cpu_lt_best_over_trl']:.2f} CPU"
-        )
+        line = f"{size}: lightning_tina ({r['best_engine']}) / TRL = {r['lt_best_over_trl']:.2f} wall, "
+        line += f"{r['cpu_lt_best_over_trl']:.2f} CPU"
         if "lt_hf_over_trl_hf" in r:
             line += f"; both on HF generate: {r['lt_hf_over_trl_hf']:.2f} wall, {r['cpu_lt_hf_over_trl_hf']:.2f} CPU"
         print(line)
+    settings = {k: v for k, v in vars(args).items() if k not in ("worker", "engine", "model", "device")}
     common.emit_json(
         {
             "bench": "vs_trl",
-            "settings": {k: v for k, v in vars(args).items() if k != "worker"},
+            "settings": settings,
             "results": summary,
             "ratios": ratios,
             "machine": common.machine(),
@@ -492,76 +495,52 @@ def orchestrate(args: argparse.Namespace) -> None:
 def orchestrate_training_part(args: argparse.Namespace) -> None:
     """Alternate lightning_tina (`step_breakdown.py --synthetic`) and TRL (its compute_loss) on fixed random
     rollouts; compare training tokens per second and the allocator's peak."""
-    tiny = common.tiny_dir(args.tiny_dir)
-    model = (
-        tiny
-        if args.size == "tiny"
-        else common.build_random_qwen2(args.size, Path(args.workdir) / f"qwen2-{args.size}", tiny)
+    model = _model(args.size, args)
+    shared = _flags(
+        steps=args.steps,
+        warmup=args.warmup,
+        threads=args.threads,
+        seed=args.seed,
+        precision=args.precision,
+        dtype=args.dtype,
+        prompt_tokens=args.prompt_tokens,
+        tokens=args.tokens,
+        prompts=args.prompts,
+        micro_batch=args.micro_batch,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
-    shared = [
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--threads",
-        str(args.threads),
-        "--seed",
-        str(args.seed),
-        "--precision",
-        args.precision,
-        "--dtype",
-        args.dtype,
-        "--prompt-tokens",
-        str(args.prompt_tokens),
-        "--tokens",
-        str(args.tokens),
-        "--prompts",
-        str(args.prompts),
-        "--micro-batch",
-        str(args.micro_batch),
-        "--lora-r",
-        str(args.lora_r),
-        "--lora-alpha",
-        str(args.lora_alpha),
-    ] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
-    lt_cmd = (
-        [
+    breakdown = str(Path(__file__).with_name("step_breakdown.py"))
+    cmds = {
+        "lightning_tina": [
             sys.executable,
-            str(Path(__file__).with_name("step_breakdown.py")),
-            "--synthetic",
-            "--size",
-            args.size,
-            "--workdir",
-            args.workdir,
-        ]
-        + (["--gpu"] if args.gpu else [])
-        + shared
-    )
-    trl_cmd = [sys.executable, __file__, "--worker", "trl-train", "--model", str(model)] + shared
-    trl_cmd += ["--device", "cuda" if args.gpu else "cpu"]
-    env = dict(os.environ, PYTHONPATH=str(common.REPO), OMP_NUM_THREADS=str(args.threads))
+            breakdown,
+            *_flags(synthetic=True, size=args.size, workdir=args.workdir, gpu=args.gpu),
+            *shared,
+        ],
+        "trl": [
+            sys.executable,
+            __file__,
+            *_flags(worker="trl-train", model=model, device="cuda" if args.gpu else "cpu"),
+            *shared,
+        ],
+    }
     results: dict[str, list[dict[str, Any]]] = {"lightning_tina": [], "trl": []}
     for r in range(args.rounds):
-        order = [("lightning_tina", lt_cmd), ("trl", trl_cmd)]
-        for tool, cmd in order if r % 2 == 0 else order[::-1]:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-            recs = common.parse_json_lines(proc.stdout)
-            if proc.returncode or not recs:
-                tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
-                print(f"!! {tool} failed (exit {proc.returncode}):\n{tail}", flush=True)
-                continue
-            results[tool].append(recs[-1])
-            print(f"   round {r}: {tool}: {recs[-1]['train_tokens_per_s']:.0f} training tokens/s", flush=True)
+        for tool in list(cmds) if r % 2 == 0 else list(cmds)[::-1]:
+            rec = _run(cmds[tool], tool, args)
+            if rec is not None:
+                results[tool].append(rec)
+                print(f"   round {r}: {tool}: {rec['train_tokens_per_s']:.0f} training tokens/s", flush=True)
     rows = []
     for tool, recs in results.items():
         if not recs:
             continue
-        peak = [x["peak_gb_by_phase"] for x in recs] if tool == "lightning_tina" else []
-        peak_gb = (
-            max(max(p.values(), default=float("nan")) for p in peak)
-            if peak
-            else max(x["train_peak_gb"] for x in recs)
-        )
+        if tool == "lightning_tina":  # peak of every phase of the (synthetic) step
+            peak = max(max(x["peak_gb_by_phase"].values(), default=float("nan")) for x in recs)
+        else:
+            peak = max(x["train_peak_gb"] for x in recs)
         tps = common.spread([x["train_tokens_per_s"] for x in recs])
         rows.append(
             {
@@ -570,14 +549,14 @@ def orchestrate_training_part(args: argparse.Namespace) -> None:
                 "min": tps["min"],
                 "max": tps["max"],
                 "runs": tps["n"],
-                "peak_gb": peak_gb if args.gpu else float("nan"),
+                "cuda_peak_gb": peak if args.gpu else float("nan"),
                 "peak_rss_gb": max(x["peak_rss_gb"] for x in recs),
             }
         )
     common.print_table(
         rows,
-        ["tool", "tokens_per_s", "min", "max", "runs", "peak_gb", "peak_rss_gb"],
-        title="\ntraining part (reference log-probs + forward + backward), median of run medians",
+        "tool tokens_per_s min max runs cuda_peak_gb peak_rss_gb".split(),
+        title="\ntraining part (reference log-probs + forward + backward), medians over runs",
     )
     common.emit_json(
         {
@@ -603,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
         help="lightning_tina engines to run (TRL always uses generate)",
     )
     p.add_argument(
-        "--rounds", type=int, default=2, help="runs per (tool, engine, size), order rotated each round"
+        "--rounds", type=int, default=2, help="runs per tool/engine/size, order rotated each round"
     )
     p.add_argument("--steps", type=int, default=10, help="measured steps per run")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per run (at least 1)")
@@ -614,8 +593,8 @@ def main(argv: list[str] | None = None) -> None:
         "--precision",
         default="fp32",
         choices=["fp32", "bf16"],
-        help="fp32: float32 throughout; bf16: bf16 autocast in training (TRL bf16=True, Lightning "
-        "bf16-mixed); weights and rollout engines stay float32",
+        help="bf16: bf16 autocast in training (TRL bf16=True, Lightning bf16-mixed); weights and "
+        "rollout engines stay as --dtype",
     )
     p.add_argument("--tiny-dir", default=None, help="the tiny model (default data/tiny, else /tmp/tiny_exp1)")
     p.add_argument(
@@ -648,10 +627,8 @@ def main(argv: list[str] | None = None) -> None:
         if not torch.cuda.is_available():
             p.error("--gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
         vars(args).update(common.GPU_SETTINGS, train_only=True)
-        if "--steps" not in (argv or sys.argv):
-            args.steps = (
-                3  # each step trains 8 x 4,096 tokens; 3 measured steps per run keep the GPU time short
-            )
+        if "--steps" not in (argv if argv is not None else sys.argv):
+            args.steps = 3  # each step trains 8 x 4,096 tokens: 3 measured steps per run keep GPU time short
     if args.warmup < 1:
         p.error("--warmup must be at least 1: a step's time is measured from the end of the previous step")
     if args.worker:
