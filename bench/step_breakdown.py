@@ -211,6 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peaks: dict[str, int] = {}
     tokens_per_s: list[float] = []
     train_tokens_per_s: list[float] = []  # prompt + completion tokens through reference, forward and backward
+    train_tokens_per_cpu_s: list[float] = []
     for i, batch in enumerate(batches):
         t = common.PhaseTimer()
         c0, w0 = time.process_time(), time.perf_counter()
@@ -226,8 +227,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cpu["step"].append(c1 - c0)
         if tokens:
             tokens_per_s.append(tokens / t.seconds["rollout"])
-        train_s = sum(t.seconds.get(p, 0.0) for p in ("ref_logps", "policy_forward", "backward"))
-        train_tokens_per_s.append(trained / train_s)
+        train = ("ref_logps", "policy_forward", "backward")
+        train_tokens_per_s.append(trained / sum(t.seconds.get(p, 0.0) for p in train))
+        train_tokens_per_cpu_s.append(trained / sum(t.cpu_seconds.get(p, 0.0) for p in train))
         for p, b in t.peak_bytes.items():
             peaks[p] = max(peaks.get(p, 0), b)
     if engine is not None:
@@ -244,6 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_median_s": {p: common.spread(v)["median"] for p, v in cpu.items()},
         "tokens_per_s": common.spread(tokens_per_s)["median"],
         "train_tokens_per_s": common.spread(train_tokens_per_s)["median"],
+        "train_tokens_per_cpu_s": common.spread(train_tokens_per_cpu_s)["median"],
         "peak_gb_by_phase": {p: b / 1e9 for p, b in peaks.items()},
         "rss_before_gb": rss_before / 1e9,
         **common.peak_memory(),

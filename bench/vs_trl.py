@@ -287,7 +287,7 @@ def run_trl_training_part(args: argparse.Namespace) -> dict[str, Any]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     vocab = model.get_base_model().config.vocab_size
     wall: dict[str, list[float]] = {"ref_logps": [], "forward_backward": [], "optimizer": []}
-    tokens_per_s, peak = [], 0
+    tokens_per_s, tokens_per_cpu_s, peak = [], [], 0
     for step in range(args.warmup + args.steps):
         prompt, completion = common.synthetic_sequences(
             args.prompts, GENERATIONS, args.prompt_tokens, args.tokens, vocab, args.seed + step
@@ -324,10 +324,14 @@ def run_trl_training_part(args: argparse.Namespace) -> dict[str, Any]:
         for k in wall:
             wall[k].append(t.seconds[k])
         tokens_per_s.append(ids.numel() / (t.seconds["ref_logps"] + t.seconds["forward_backward"]))
+        tokens_per_cpu_s.append(
+            ids.numel() / (t.cpu_seconds["ref_logps"] + t.cpu_seconds["forward_backward"])
+        )
         peak = max([peak, *t.peak_bytes.values()])
     return {
         "median_s": {k: common.spread(v)["median"] for k, v in wall.items()},
         "train_tokens_per_s": common.spread(tokens_per_s)["median"],
+        "train_tokens_per_cpu_s": common.spread(tokens_per_cpu_s)["median"],
         "train_peak_gb": peak / 1e9,
     }
 
@@ -542,10 +546,12 @@ def orchestrate_training_part(args: argparse.Namespace) -> None:
         else:
             peak = max(x["train_peak_gb"] for x in recs)
         tps = common.spread([x["train_tokens_per_s"] for x in recs])
+        cps = common.spread([x["train_tokens_per_cpu_s"] for x in recs])
         rows.append(
             {
                 "tool": tool,
                 "tokens_per_s": tps["median"],
+                "tokens_per_cpu_s": cps["median"],
                 "min": tps["min"],
                 "max": tps["max"],
                 "runs": tps["n"],
@@ -555,7 +561,7 @@ def orchestrate_training_part(args: argparse.Namespace) -> None:
         )
     common.print_table(
         rows,
-        "tool tokens_per_s min max runs cuda_peak_gb peak_rss_gb".split(),
+        "tool tokens_per_s min max tokens_per_cpu_s runs cuda_peak_gb peak_rss_gb".split(),
         title="\ntraining part (reference log-probs + forward + backward), medians over runs",
     )
     common.emit_json(

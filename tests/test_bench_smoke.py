@@ -106,3 +106,15 @@ def test_vs_trl_trl_worker(capsys):
     )
     r = _record(capsys.readouterr().out)
     assert r["tool"] == "trl" and len(r["step_s"]) == 1 and r["completion_length"] == [6.0]
+
+
+@pytest.mark.slow
+def test_vs_trl_trl_training_part_worker(capsys):
+    pytest.importorskip("trl", reason="TRL is the bench extra: pip install -e .[bench]")
+    _script("vs_trl").main(
+        ["--worker", "trl-train", "--model", str(TINY), "--steps", "1", "--warmup", "1", "--tokens", "6"]
+        + ["--prompts", "2", "--prompt-tokens", "4", "--micro-batch", "4", "--precision", "bf16"]
+        + ["--gradient-checkpointing"]
+    )
+    r = _record(capsys.readouterr().out)
+    assert r["tool"] == "trl-train" and r["train_tokens_per_s"] > 0

@@ -78,7 +78,9 @@ class HFEngine(RolloutEngine):
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         if eos in tokens:
             return Generation(token_ids=tokens[: tokens.index(eos) + 1], logprobs=None, finish_reason="stop")
-        while tokens and tokens[-1] == pad:  # stop strings end a sequence early and pad the rest
-            tokens = tokens[:-1]
+        if sampling.stop:  # a stop string ends a sequence early and generate pads the rest
+            while tokens and tokens[-1] == pad:
+                tokens = tokens[:-1]
+        # without stop strings every token up to max_new_tokens was sampled, a sampled pad id included
         stopped = bool(sampling.stop) and len(tokens) < sampling.max_new_tokens
         return Generation(token_ids=tokens, logprobs=None, finish_reason="stop" if stopped else "length")
