@@ -28,6 +28,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # colocated: engin
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import SHAPES  # noqa: E402  (bench/ is on sys.path when a script runs)
+
 from lightning_tina.rollout.base import SamplingConfig  # noqa: E402
 from lightning_tina.rollout.vllm import VLLMConfig, VLLMEngine  # noqa: E402
 from lightning_tina.rollout.vllm_worker import install_cpu_single_lora_fast_path  # noqa: E402
@@ -47,18 +49,7 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=256,
         tie_word_embeddings=True,
     ),
-    "qwen1.5b": dict(
-        hidden_size=1536,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        intermediate_size=8960,
-        vocab_size=151936,
-        max_position_embeddings=131072,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    ),
+    "qwen1.5b": SHAPES["qwen1.5b"],  # one definition of the 1.5B shape, in bench/common.py
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
