@@ -47,6 +47,7 @@ def build_module(model: str, args: argparse.Namespace) -> Any:
             beta=args.beta,
             loss_type="grpo",
             gradient_checkpointing=args.gradient_checkpointing,
+            share_prompt=not args.no_share_prompt,
         ),
         optim=OptimSettings(lr=1e-6, warmup_ratio=0.0),
         rewards=[RewardSpec("accuracy", 1.0), RewardSpec("format", 1.0)],
@@ -137,7 +138,7 @@ def one_step(
             )
             tokens = sum(len(x.token_ids) for x in gens)
         with t.phase("reward"):
-            scores = module.rewards(rollouts.completions, rollouts.rows)
+            scores = module.rewards(rollouts.completions, rollouts.rows, group_size=g.num_generations)
             adv = grpo.group_advantages(
                 scores.total.to(args.device), g.num_generations, g.scale_rewards
             )  # [N]
@@ -273,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--no-share-prompt", action="store_true", help="run every completion with its prompt (G prompt passes)"
+    )
     p.add_argument(
         "--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (weights stay)"
     )

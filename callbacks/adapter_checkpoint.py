@@ -17,6 +17,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 
+from lightning_tina.policy import full_trainable_state
+
 META_FILE = "lightning_tina.json"
 
 
@@ -67,10 +69,11 @@ class AdapterCheckpoint(Checkpoint):
         root = self._root(trainer)
         final = root / f"step-{step:06d}"
         tmp = root / f".step-{step:06d}.tmp"
+        gathered = full_trainable_state(pl_module.policy)  # FSDP2: every rank takes part in the gather
         if trainer.is_global_zero:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            pl_module.policy.save_pretrained(tmp)
+            pl_module.policy.save_pretrained(tmp, state_dict=gathered)
             pl_module.tokenizer.save_pretrained(tmp)
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
             meta = {
@@ -105,7 +108,9 @@ class AdapterCheckpoint(Checkpoint):
             self.save(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.saved or self.saved[-1][0] != trainer.global_step:
+        # decided from the step alone, never from `saved` (kept on rank 0 only): under FSDP2 every rank must
+        # enter save() together, because it gathers the sharded adapter
+        if not (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
             self.save(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:

@@ -32,7 +32,8 @@ class GRPOSettings:
     batch_size: int = 64
     """Completions per optimizer step on each device (B * G); must be a multiple of num_generations."""
     micro_batch_size: int = 16
-    """Completions per forward/backward pass; lower it to save memory (gradients are accumulated)."""
+    """Completions per forward/backward pass; lower it to save memory (gradients are accumulated). A multiple of
+    num_generations lets each prompt be computed once per group (share_prompt)."""
     beta: float = 0.04
     """Weight of the k3 KL penalty to the reference model; 0 skips the reference forward."""
     epsilon_low: float = 0.2
@@ -59,6 +60,10 @@ class GRPOSettings:
     vocabulary at 18% of the full logits tensor)."""
     gradient_checkpointing: bool = False
     """Recompute transformer activations in backward to save memory."""
+    share_prompt: bool = True
+    """Run each prompt once per group with a KV cache in the reference and policy passes instead of G times (same
+    log-probs and gradients up to rounding; see lightning_tina/logprobs.py). Needs micro_batch_size to be a
+    multiple of num_generations; the policy pass falls back to full sequences under gradient_checkpointing."""
 
 
 def group_advantages(

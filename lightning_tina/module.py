@@ -6,6 +6,7 @@ prompts (the batch) -> rollouts (RolloutCallback's engine) -> rewards -> advanta
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -16,14 +17,15 @@ import torch
 
 from lightning_tina import grpo
 from lightning_tina.grpo import GRPOSettings
+from lightning_tina.logprobs import completion_logprobs
 from lightning_tina.optim import OptimSettings, build_optimizer
 from lightning_tina.policy import (
     LoRASettings,
-    backbone_and_head,
     frozen_reference,
     load_causal_lm,
     load_tokenizer,
     reference_mode,
+    shard_fsdp2,
     wrap_lora,
 )
 from lightning_tina.rewards import RewardSet, RewardSpec
@@ -133,6 +135,14 @@ class GRPOModule(L.LightningModule):
             self.reference = frozen_reference(base)
             self.policy = base
         self.policy.train()  # from_pretrained returns eval mode; training forwards use train mode throughout
+        if self.device_mesh is not None:  # Lightning's ModelParallelStrategy: shard with FSDP2
+            if getattr(self._trainer and self._trainer.strategy, "_save_distributed_checkpoint", False):
+                raise ValueError(
+                    "ModelParallelStrategy writes sharded checkpoints that must hold every weight, but "
+                    "lightning_tina's checkpoints hold only the adapter: set "
+                    "trainer.strategy.init_args.save_distributed_checkpoint: false"
+                )
+            shard_fsdp2(self.policy, self.device_mesh, self.reference)
 
     def _require_policy(self) -> torch.nn.Module:
         if self.policy is None:
@@ -147,16 +157,16 @@ class GRPOModule(L.LightningModule):
         completion_len: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs and entropies of the last `completion_len` tokens of each sequence: ([n, C], [n, C])."""
-        backbone, head = backbone_and_head(model)
-        # generate() numbers the positions of left-padded rows from their first real token
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [n, T]
-        hidden = backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state  # [n, T, H]
-        hidden = hidden[:, -completion_len - 1 : -1]  # [n, C, H]: the states that predict the completion
-        targets = input_ids[:, -completion_len:]  # [n, C]
-        return grpo.token_logprobs(
-            hidden, targets, head.weight, head.bias, self.grpo.temperature, self.grpo.logprob_chunk_tokens
+        g = self.grpo
+        return completion_logprobs(
+            model,
+            input_ids,
+            attention_mask,
+            completion_len,
+            group_size=g.num_generations,
+            temperature=g.temperature,
+            chunk_tokens=g.logprob_chunk_tokens,
+            share_prompt=g.share_prompt,
         )
 
     @torch.no_grad()
@@ -195,7 +205,9 @@ class GRPOModule(L.LightningModule):
         rollouts = _to_device(self.rollout.rollouts_for(batch, self), self.device)
         t_rollout = time.perf_counter() - t0
 
-        scores = self.rewards(rollouts.completions, rollouts.rows)  # per_function [N, F], total [N]
+        scores = self.rewards(  # per_function [N, F], total [N]
+            rollouts.completions, rollouts.rows, group_size=self.grpo.num_generations
+        )
         advantages = grpo.group_advantages(
             scores.total.to(self.device), self.grpo.num_generations, self.grpo.scale_rewards
         )  # [N]
@@ -226,46 +238,51 @@ class GRPOModule(L.LightningModule):
         )
         mismatch_max = torch.zeros(())
         opt.zero_grad()
-        for sl in self._micro_batches(rollouts):
+        slices = self._micro_batches(rollouts)
+        for i, sl in enumerate(slices):
             m = mask[sl]  # [n', C]
-            logps, entropy = self.sequence_logprobs(
-                self.policy, rollouts.input_ids[sl], rollouts.attention_mask[sl], c
-            )  # [n', C] each
-            old = old_logps[sl] if old_logps is not None else logps.detach()  # [n', C]
-            per_token, clip_low, clip_high = grpo.clipped_surrogate(
-                logps, old, advantages[sl], g.epsilon_low, g.epsilon_high
-            )  # [n', C]
-            if rollouts.engine_logprobs is not None:
-                diff = (logps.detach() - rollouts.engine_logprobs[sl]).abs() * m  # [n', C]
-                sums["mismatch"] += float(diff.sum())
-                mismatch_max = torch.maximum(mismatch_max, diff.max().cpu())
-                if g.tis_cap is not None:
-                    w = grpo.truncated_importance_weights(logps, rollouts.engine_logprobs[sl], g.tis_cap)
-                    per_token = per_token * w
-                    sums["tis"] += float((w * m).sum())
-            kl = torch.zeros_like(logps)  # [n', C]
-            if ref_logps is not None:
-                kl = grpo.k3_kl(logps, ref_logps[sl])
-                per_token = per_token + g.beta * kl
-            loss = grpo.aggregate_loss(
-                per_token,
-                m,
-                g.loss_type,
-                num_sequences=n,
-                num_tokens=num_tokens,
-                max_completion_length=self.rollout.sampling.max_new_tokens if self.rollout else c,
-            )
-            self.manual_backward(loss)
-            mf = m.float()
-            sums["loss"] += float(loss.detach())
-            sums["kl"] += float((kl.detach() * mf).sum())
-            sums["clip_low"] += float((clip_low.float() * mf).sum())
-            sums["clip_high"] += float((clip_high.float() * mf).sum())
-            sums["ratio"] += float((torch.exp(logps.detach() - old) * mf).sum())
-            sums["entropy"] += float((entropy * mf).sum())
+            # DDP all-reduces gradients in backward: only once per step, in the last micro-batch's backward
+            no_sync = i < len(slices) - 1 and self.trainer.world_size > 1
+            with self.trainer.strategy.block_backward_sync() if no_sync else contextlib.nullcontext():
+                logps, entropy = self.sequence_logprobs(
+                    self.policy, rollouts.input_ids[sl], rollouts.attention_mask[sl], c
+                )  # [n', C] each
+                old = old_logps[sl] if old_logps is not None else logps.detach()  # [n', C]
+                per_token, clip_low, clip_high = grpo.clipped_surrogate(
+                    logps, old, advantages[sl], g.epsilon_low, g.epsilon_high
+                )  # [n', C]
+                if rollouts.engine_logprobs is not None:
+                    diff = (logps.detach() - rollouts.engine_logprobs[sl]).abs() * m  # [n', C]
+                    sums["mismatch"] += float(diff.sum())
+                    mismatch_max = torch.maximum(mismatch_max, diff.max().cpu())
+                    if g.tis_cap is not None:
+                        w = grpo.truncated_importance_weights(logps, rollouts.engine_logprobs[sl], g.tis_cap)
+                        per_token = per_token * w
+                        sums["tis"] += float((w * m).sum())
+                kl = torch.zeros_like(logps)  # [n', C]
+                if ref_logps is not None:
+                    kl = grpo.k3_kl(logps, ref_logps[sl])
+                    per_token = per_token + g.beta * kl
+                loss = grpo.aggregate_loss(
+                    per_token,
+                    m,
+                    g.loss_type,
+                    num_sequences=n,
+                    num_tokens=num_tokens,
+                    max_completion_length=self.rollout.sampling.max_new_tokens if self.rollout else c,
+                )
+                self.manual_backward(loss)
+                mf = m.float()
+                sums["loss"] += float(loss.detach())
+                sums["kl"] += float((kl.detach() * mf).sum())
+                sums["clip_low"] += float((clip_low.float() * mf).sum())
+                sums["clip_high"] += float((clip_high.float() * mf).sum())
+                sums["ratio"] += float((torch.exp(logps.detach() - old) * mf).sum())
+                sums["entropy"] += float((entropy * mf).sum())
         params = [p for p in self.policy.parameters() if p.grad is not None]
         max_norm = g.max_grad_norm if g.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach().cpu()  # before clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()  # before clipping
+        grad_norm = _full(grad_norm).cpu()  # FSDP2: a DTensor (Lightning cannot all-reduce it)
         if torch.isfinite(grad_norm) and math.isfinite(sums["loss"]):
             opt.step()
             sched.step()
@@ -361,7 +378,13 @@ class GRPOModule(L.LightningModule):
                     f"the checkpoint was trained with {key}={theirs!r} but this run has {key}={mine!r}; "
                     f"set {key} to {theirs!r} to resume it, or start a new run without --ckpt_path"
                 )
-        weights = checkpoint.get("state_dict", {})
+        self.policy_version = int(checkpoint.get("policy_version", 0))
+        self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
+        if "state_dict" not in checkpoint:
+            # ModelParallelStrategy (FSDP2) loads the weights itself and removes them before this hook (with
+            # strict=False, so a checkpoint without the adapter is not caught there)
+            return
+        weights = checkpoint["state_dict"]
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
@@ -373,8 +396,6 @@ class GRPOModule(L.LightningModule):
                 raise ValueError(
                     f"checkpoint weight {name} has shape {tuple(weights[name].shape)}, this model {tuple(param.shape)}"
                 )
-        self.policy_version = int(checkpoint.get("policy_version", 0))
-        self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
 
     # ---- optimizer -----------------------------------------------------------------------------------------------
 
@@ -426,6 +447,11 @@ class GRPOModule(L.LightningModule):
         per_problem = correct.view(-1, s.k).mean(1)  # [B]
         self.log(f"{stage}/pass@1", per_problem.mean(), batch_size=len(batch.rows), prog_bar=True)
         self.log(f"{stage}/pass@{s.k}", (per_problem > 0).float().mean(), batch_size=len(batch.rows))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2 DTensor (a collective when sharded), or `t` itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -123,3 +123,51 @@ def frozen_reference(model: nn.Module) -> nn.Module:
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
+
+
+def shard_fsdp2(policy: nn.Module, mesh, reference: nn.Module | None = None) -> None:
+    """Shard the policy (and a frozen reference copy) with FSDP2 over the mesh's data-parallel dimension.
+
+    Called from `configure_model` under Lightning's ModelParallelStrategy. Every decoder layer is one unit (its
+    parameters are gathered for its forward/backward only); the causal LM is the root unit, which holds the
+    embedding and the head (tied in small Qwen models, so they must stay in one unit). Log-probs call the model
+    through that root (lightning_tina/logprobs.py), which gathers the root's parameters.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            "ModelParallelStrategy with tensor_parallel_size > 1 is not supported for training here; set "
+            "trainer.strategy.init_args.tensor_parallel_size 1 (rollout.vllm.tensor_parallel_size shards vLLM)"
+        )
+    dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+    for model in (causal_lm(policy), reference):
+        if model is None:
+            continue
+        backbone, _ = backbone_and_head(model)
+        layers = getattr(backbone, "layers", None)
+        if layers is None:
+            raise ValueError(f"{type(model).__name__} has no decoder `layers` to shard with FSDP2")
+        for layer in layers:
+            fully_shard(layer, mesh=dp_mesh)
+        fully_shard(model, mesh=dp_mesh)
+
+
+def full_trainable_state(policy: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Whole copies of the trainable (adapter) weights when FSDP2 shards them, else None.
+
+    A collective under FSDP2: every rank must call it, in the same order. The result is what
+    `save_pretrained(state_dict=...)` needs, since PEFT cannot save DTensor shards.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = dict(policy.named_parameters())
+    if not any(isinstance(p, DTensor) for p in params.values()):
+        return None
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    return {
+        name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+        for name, t in policy.state_dict().items()
+        if name in trainable
+    }

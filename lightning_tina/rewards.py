@@ -7,6 +7,11 @@ or name it by import path (``"my_pkg.my_rewards:brevity"``) in YAML::
 
     rewards: [{name: accuracy, weight: 2.0}, {name: format, weight: 1.0, kwargs: {pattern: ...}}]
 
+Which completions one call holds is the reward's ``scope`` (``RewardSpec.scope``; Tina: one prompt's group). A
+function with a ``group_size`` parameter gets the whole step in one call and normalizes per group itself (the
+length rewards, so the checker stays batched); one registered with ``per_completion=True`` gets the whole step
+in one call; any other is called once per group.
+
 Functions that grade answers should call ``checker.scope.answer_verdicts``: it shares verdicts between functions
 within one step and counts checker timeouts for the step's log.
 """
@@ -20,16 +25,19 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 
-from lightning_tina.checker import GRADING_MODES, Verdict
-from lightning_tina.checker.scope import answer_verdicts, verdict_scope
+from lightning_tina.checker.scope import verdict_scope
+from lightning_tina.length_rewards import length_l1_exact_reward, length_l1_max_reward, length_reward
+from lightning_tina.reward_columns import correctness
 
 RewardFn = Callable[..., list[float | None]]
+RewardScope = Literal["group", "batch"]
 _REGISTRY: dict[str, RewardFn] = {}
 _BUILTIN: set[str] = set()
+_PER_COMPLETION: set[str] = set()  # registered names whose values depend only on their own completion and row
 
 TINA_FORMAT_PATTERN = r"\n</think>\n"
 """Tina's ``format`` reward: exactly one ``"\\n</think>\\n"`` (``<think>`` itself is in the chat template)."""
@@ -38,8 +46,12 @@ R1_BOXED_FORMAT_PATTERN = r"\A(?:<think>\n)?(?:(?!</think>).)*\n</think>\n(?:(?!
 _STEP_PATTERN = re.compile(r"(Step \d+:|^\d+\.|\n-|\n\*|First,|Second,|Next,|Finally,)")  # Tina's, verbatim
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator that makes ``fn`` selectable as ``{name: <name>}`` in the ``rewards`` config."""
+def register_reward(name: str, *, per_completion: bool = False) -> Callable[[RewardFn], RewardFn]:
+    """Decorator that makes ``fn`` selectable as ``{name: <name>}`` in the ``rewards`` config.
+
+    ``per_completion=True`` declares that each value depends only on its own completion and row, so the set
+    calls ``fn`` once per step whatever the ``scope`` (the values are the same either way).
+    """
     if not name or ":" in name:
         raise ValueError(
             f"reward name {name!r} must be non-empty and must not contain ':' (import-path syntax)"
@@ -50,6 +62,7 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
         if old is not None and _where(old) != _where(fn):  # re-registering it (a module reload) is fine
             raise ValueError(f"reward name {name!r} is already registered to {_where(old)}")
         _REGISTRY[name] = fn
+        (_PER_COMPLETION.add if per_completion else _PER_COMPLETION.discard)(name)
         return fn
 
     return add
@@ -59,46 +72,9 @@ def _where(fn: RewardFn) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
-def _builtin(name: str) -> Callable[[RewardFn], RewardFn]:
+def _builtin(name: str, per_completion: bool = True) -> Callable[[RewardFn], RewardFn]:
     _BUILTIN.add(name)
-    return register_reward(name)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Answer checking shared by the accuracy-type rewards
-
-
-def _column(columns: dict[str, Any], name: str, reward: str, n: int) -> list[Any]:
-    if n == 0:
-        return []
-    if name not in columns:
-        raise KeyError(f"reward {reward!r} reads the row field {name!r}, but the rows have {sorted(columns)}")
-    values = columns[name]
-    if len(values) != n:
-        raise ValueError(f"reward {reward!r}: field {name!r} has {len(values)} values for {n} completions")
-    return list(values)
-
-
-def _check_grading(mode: str, timeout_s: float) -> None:
-    if mode not in GRADING_MODES:
-        raise ValueError(f"mode={mode!r} is not one of {list(GRADING_MODES)}")
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s={timeout_s!r} must be positive")
-
-
-def _correctness(
-    completions: list[str],
-    columns: dict[str, Any],
-    reward: str,
-    gold_field: str,
-    mode: str,
-    strict: bool,
-    timeout_s: float,
-) -> list[Verdict]:
-    _check_grading(mode, timeout_s)
-    # A missing gold (None) must read as "no gold" (reward None), not as the text "None".
-    golds = ["" if g is None else str(g) for g in _column(columns, gold_field, reward, len(completions))]
-    return answer_verdicts(completions, golds, mode=mode, strict=strict, timeout_s=timeout_s)
+    return register_reward(name, per_completion=per_completion)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -119,7 +95,7 @@ def accuracy_reward(
 
     Tina grades against ``solution`` (answers wrapped as ``$...$``), hence LaTeX mode. A checker timeout is 0.0.
     """
-    verdicts = _correctness(completions, columns, "accuracy", gold_field, mode, strict, timeout_s)
+    verdicts = correctness(completions, columns, "accuracy", gold_field, mode, strict, timeout_s)
     return [None if v.status == "gold_unparsed" else float(v.correct) for v in verdicts]
 
 
@@ -167,94 +143,13 @@ def reasoning_steps_reward(completions: list[str], **_: Any) -> list[float | Non
     return [min(1.0, len(_STEP_PATTERN.findall(c)) / 3) for c in completions]
 
 
-def _is_correct_or_unparsed(verdicts: list[Verdict]) -> list[bool]:
-    """Tina's length rewards treat an unparseable gold as correct ("to avoid penalizing")."""
-    return [v.correct or v.status == "gold_unparsed" for v in verdicts]
-
-
-@_builtin("length")
-def length_reward(
-    completions: list[str],
-    *,
-    gold_field: str = "solution",
-    mode: str = "latex",
-    strict: bool = True,
-    timeout_s: float = 5.0,
-    **columns: Any,
-) -> list[float | None]:
-    """Kimi 1.5 length reward over the completions of one call (lengths in characters, as in Tina).
-
-    ``lam = 0.5 - (len - min_len) / (max_len - min_len)``; correct: ``lam``, wrong: ``min(0, lam)``;
-    all 0.0 when every completion has the same length.
-    """
-    verdicts = _correctness(completions, columns, "length", gold_field, mode, strict, timeout_s)
-    lengths = [len(c) for c in completions]
-    if not lengths or max(lengths) == min(lengths):
-        return [0.0] * len(completions)
-    lo, hi = min(lengths), max(lengths)
-    lams = [0.5 - (n - lo) / (hi - lo) for n in lengths]
-    return [
-        lam if ok else min(0.0, lam) for lam, ok in zip(lams, _is_correct_or_unparsed(verdicts), strict=True)
-    ]
-
-
-def _targets(columns: dict[str, Any], target_field: str, reward: str, n: int) -> list[float]:
-    values = _column(columns, target_field, reward, n)
-    bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))), None)
-    if bad is not None:
-        raise ValueError(f"reward {reward!r}: field {target_field!r} must hold numbers, got {bad!r}")
-    return [float(v) for v in values]
-
-
-@_builtin("length_l1_exact")
-def length_l1_exact_reward(
-    completions: list[str],
-    *,
-    alpha: float = 0.0003,
-    target_field: str = "target_length",
-    gold_field: str = "solution",
-    mode: str = "latex",
-    strict: bool = True,
-    timeout_s: float = 5.0,
-    **columns: Any,
-) -> list[float | None]:
-    """L1-Exact: correct ``1 - alpha*|len - target|``, wrong ``-alpha*|len - target|`` (per-row target).
-
-    As in Tina, lengths are characters and all rewards are 0.0 when every completion has the same length.
-    """
-    verdicts = _correctness(completions, columns, "length_l1_exact", gold_field, mode, strict, timeout_s)
-    targets = _targets(columns, target_field, "length_l1_exact", len(completions))
-    lengths = [len(c) for c in completions]
-    if not lengths or max(lengths) == min(lengths):
-        return [0.0] * len(completions)
-    gaps = [alpha * abs(n - t) for n, t in zip(lengths, targets, strict=True)]
-    return [1.0 - g if ok else -g for g, ok in zip(gaps, _is_correct_or_unparsed(verdicts), strict=True)]
-
-
-@_builtin("length_l1_max")
-def length_l1_max_reward(
-    completions: list[str],
-    *,
-    alpha: float = 0.0003,
-    delta: float = 0.5,
-    target_field: str = "target_length",
-    gold_field: str = "solution",
-    mode: str = "latex",
-    strict: bool = True,
-    timeout_s: float = 5.0,
-    **columns: Any,
-) -> list[float | None]:
-    """L1-Max: correct ``clip(alpha*(target - len) + delta, 0, 1)``, wrong 0.0 (per-row target, characters).
-
-    As in Tina, all rewards are 0.0 when every completion has the same length.
-    """
-    verdicts = _correctness(completions, columns, "length_l1_max", gold_field, mode, strict, timeout_s)
-    targets = _targets(columns, target_field, "length_l1_max", len(completions))
-    lengths = [len(c) for c in completions]
-    if not lengths or max(lengths) == min(lengths):
-        return [0.0] * len(completions)
-    values = [max(0.0, min(alpha * (t - n) + delta, 1.0)) for n, t in zip(lengths, targets, strict=True)]
-    return [v if ok else 0.0 for v, ok in zip(values, _is_correct_or_unparsed(verdicts), strict=True)]
+for _name, _fn in (
+    ("length", length_reward),
+    ("length_l1_exact", length_l1_exact_reward),
+    ("length_l1_max", length_l1_max_reward),
+):
+    _builtin(_name, per_completion=False)(_fn)
+del _name, _fn
 
 
 @_builtin("cosine")
@@ -282,7 +177,7 @@ def cosine_reward(
     """
     if max_len <= 0:
         raise ValueError(f"max_len={max_len!r} must be a positive number of characters")
-    verdicts = _correctness(completions, columns, "cosine", gold_field, mode, strict, timeout_s)
+    verdicts = correctness(completions, columns, "cosine", gold_field, mode, strict, timeout_s)
     rewards: list[float | None] = []
     for text, v in zip(completions, verdicts, strict=True):
         if v.status == "gold_unparsed":
@@ -329,6 +224,13 @@ class RewardSpec:
     """Multiplier of this function's value in the total reward (TRL ``reward_weights``)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword parameters of the function (e.g. ``{pattern: ..., match: search}`` for ``format``)."""
+    scope: RewardScope = "group"
+    """Which completions one call sees; it matters for rewards that compare a completion with the others of the
+    call (``length``, ``length_l1_exact``, ``length_l1_max``: min/max length). "group" = the num_generations
+    completions of one prompt; "batch" = all B*G completions of the rank's step. Tina used "group": every
+    recipe sets per_device_train_batch_size == num_generations and its trainer's sampler repeats each prompt
+    num_generations times in a row, so each reward call held exactly one prompt's group. Per-completion rewards
+    (accuracy, format, cosine, ...) give the same values either way."""
 
 
 class RewardOutput(NamedTuple):
@@ -379,6 +281,26 @@ def _check_kwargs(fn: RewardFn, spec: RewardSpec, where: str) -> None:
             raise ValueError(f"{where}.kwargs: {e}") from None
 
 
+def _takes_group_size(fn: RewardFn) -> bool:
+    """True if ``fn`` names a ``group_size`` parameter (it then normalizes within groups itself)."""
+    try:
+        return "group_size" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_group_size(group_size: int | None, n: int) -> None:
+    if group_size is None:
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"RewardSet: group_size={group_size!r} must be a positive integer (num_generations)")
+    if n % group_size:
+        raise ValueError(
+            f"RewardSet: {n} completions do not split into groups of group_size={group_size}; pass "
+            "model.grpo.num_generations and the step's group-major completions"
+        )
+
+
 class RewardSet:
     """The configured reward functions, their weights, and one call per training step."""
 
@@ -392,18 +314,37 @@ class RewardSet:
             fn = _resolve(spec.name, where)
             if not isinstance(spec.weight, (int, float)) or not math.isfinite(spec.weight):
                 raise ValueError(f"{where}.weight = {spec.weight!r} must be a finite number")
+            if spec.scope not in get_args(RewardScope):
+                raise ValueError(
+                    f"{where}.scope = {spec.scope!r} must be one of {list(get_args(RewardScope))} "
+                    "('group' is Tina's: one call per prompt's group of completions)"
+                )
+            if "group_size" in spec.kwargs:
+                raise ValueError(
+                    f"{where}.kwargs.group_size: set by the trainer from model.grpo.num_generations; "
+                    "remove it (choose the normalization with scope: group | batch)"
+                )
             _check_kwargs(fn, spec, where)
             self.fns.append(fn)
         self.names = [s.name for s in self.specs]
         # log keys: the name, with the list index added when a name is configured twice
         self.log_names = [n if self.names.count(n) == 1 else f"{n}_{j}" for j, n in enumerate(self.names)]
         self.weights = torch.tensor([float(s.weight) for s in self.specs], dtype=torch.float32)  # [F]
+        self.takes_group_size = [_takes_group_size(fn) for fn in self.fns]
+        self.per_completion = [s.name in _PER_COMPLETION for s in self.specs]
 
-    def __call__(self, completions: list[str], rows: list[dict[str, Any]]) -> RewardOutput:
-        """Score N completions; ``rows[i]`` is the dataset row of ``completions[i]``."""
+    def __call__(
+        self, completions: list[str], rows: list[dict[str, Any]], group_size: int | None = None
+    ) -> RewardOutput:
+        """Score N completions; ``rows[i]`` is the dataset row of ``completions[i]``.
+
+        ``group_size``: completions per prompt (num_generations; completions are group-major, prompt i owns
+        rows ``i*G .. i*G+G-1``). None: the whole call is one group.
+        """
         n = len(completions)
         if len(rows) != n:
             raise ValueError(f"RewardSet got {n} completions but {len(rows)} rows")
+        _check_group_size(group_size, n)
         keys = list(dict.fromkeys(k for row in rows for k in row))
         if "completions" in keys:
             raise ValueError(
@@ -412,13 +353,15 @@ class RewardSet:
         columns = {k: [row.get(k) for row in rows] for k in keys}
         values = torch.full((n, len(self.fns)), float("nan"), dtype=torch.float32)  # [N, F]
         with verdict_scope() as scope:
-            for j, (fn, spec) in enumerate(zip(self.fns, self.specs, strict=True)):
+            for j, spec in enumerate(self.specs):
                 clash = set(spec.kwargs) & set(columns)
+                if self.takes_group_size[j] and "group_size" in columns:
+                    clash.add("group_size")
                 if clash:
                     raise ValueError(
                         f"model.rewards[{j}].kwargs {sorted(clash)} clash with dataset row fields"
                     )
-                out = fn(completions, **columns, **spec.kwargs)
+                out = self._call(j, completions, columns, group_size if spec.scope == "group" else None)
                 if len(out) != n:
                     raise ValueError(f"reward {spec.name!r} returned {len(out)} values for {n} completions")
                 for i, v in enumerate(out):
@@ -427,6 +370,26 @@ class RewardSet:
         total = (values * self.weights.unsqueeze(0)).nansum(dim=1)  # [N]
         none_fraction = values.isnan().float().mean(dim=0) if n else torch.zeros(len(self.fns))  # [F]
         return RewardOutput(values, total, scope.timeouts, none_fraction)
+
+    def _call(
+        self, j: int, completions: list[str], columns: dict[str, list[Any]], block: int | None
+    ) -> list[float | None]:
+        """Function j's values: one call that normalizes per ``block`` itself, one call, or one per block."""
+        fn, spec, n = self.fns[j], self.specs[j], len(completions)
+        if self.takes_group_size[j]:
+            return list(fn(completions, **columns, **spec.kwargs, group_size=block))
+        if block is None or block >= n or self.per_completion[j]:
+            return list(fn(completions, **columns, **spec.kwargs))
+        out: list[float | None] = []
+        for start in range(0, n, block):
+            part = slice(start, start + block)
+            got = list(fn(completions[part], **{k: v[part] for k, v in columns.items()}, **spec.kwargs))
+            if len(got) != block:
+                raise ValueError(
+                    f"reward {spec.name!r} returned {len(got)} values for a group of {block} completions"
+                )
+            out.extend(got)
+        return out
 
     def metrics(self, output: RewardOutput) -> dict[str, float]:
         """What to log per step: each function's mean (over rows where it applies), None fraction, timeouts."""

@@ -32,27 +32,49 @@ TINY = ROOT / "data" / "tiny"
 G, PROMPTS_PER_RANK, STEPS, MAX_NEW_TOKENS = 4, 2, 2, 64
 
 
-def _config(out: Path, world: int, prompts_per_step: int, strategy: str = "ddp", rank: int = 0) -> Path:
+def _config(
+    out: Path,
+    world: int,
+    prompts_per_step: int,
+    strategy: str = "ddp",
+    rank: int = 0,
+    steps: int = STEPS,
+    checkpoints: bool = False,
+) -> Path:
     """The embedded default (configs/tiny.yaml), shrunk: 2 steps, 2 prompts x 4 completions per rank, 64 tokens.
 
     strategy "fsdp" is Lightning's ModelParallelStrategy (FSDP2) with one data-parallel dimension, and gives each
-    rank its own data seed so that unsynchronized gradients would show.
+    rank its own data seed so that unsynchronized gradients would show. `checkpoints` adds AdapterCheckpoint and
+    ResumeCheckpoint (every step) under out/adapters and out/ckpt.
     """
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     if strategy == "fsdp":
         cfg["data"]["seed"] = 100 + rank
         strategy_cfg: Any = {
             "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-            "init_args": {"data_parallel_size": world, "tensor_parallel_size": 1},
+            "init_args": {
+                "data_parallel_size": world,
+                "tensor_parallel_size": 1,
+                "save_distributed_checkpoint": False,  # lightning_tina checkpoints hold the adapter only
+            },
         }
     else:
         strategy_cfg = "ddp" if world > 1 else "auto"
     cfg["trainer"].update(
         devices=world,
         strategy=strategy_cfg,
-        max_steps=STEPS,
-        callbacks=None,  # no BenchmarkEval (it would evaluate 256 problems before the first step), no checkpoints
-        enable_checkpointing=False,
+        max_steps=steps,
+        # no BenchmarkEval (it would evaluate 256 problems before the first step)
+        callbacks=[
+            {"class_path": f"lightning_tina.callbacks.{name}", "init_args": args}
+            for name, args in [
+                ("AdapterCheckpoint", {"every_n_steps": 1, "dirpath": str(out / "adapters")}),
+                ("ResumeCheckpoint", {"every_n_train_steps": 1, "dirpath": str(out / "ckpt")}),
+            ]
+        ]
+        if checkpoints
+        else None,
+        enable_checkpointing=checkpoints,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
@@ -147,18 +169,25 @@ def _adapter(pl_module: Any) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in pl_module.policy.named_parameters() if p.requires_grad}
 
 
-def _worker(out: Path, strategy: str) -> None:
-    """One rank of the torchrun launch: fit the shrunk embedded default and save what it computed."""
+def _worker(out: Path, strategy: str, mode: str = "") -> None:
+    """One rank of the torchrun launch: fit the shrunk embedded default and save what it computed.
+
+    mode "ckpt": also write adapters and resume checkpoints; "resume": continue that run for one more step from
+    out/ckpt/last.ckpt (results go to resumed_rank<r>.pt).
+    """
     from lightning_tina.__main__ import cli_main
 
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    cli = cli_main(["--config", str(_config(out, world, PROMPTS_PER_RANK, strategy, rank))], run=False)
+    steps = STEPS + 1 if mode == "resume" else STEPS
+    config = _config(out, world, PROMPTS_PER_RANK, strategy, rank, steps, checkpoints=bool(mode))
+    cli = cli_main(["--config", str(config)], run=False)
     recorder = _Recorder()
     recorder.install(cli)
     t0 = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    ckpt = str(out / "ckpt" / "last.ckpt") if mode == "resume" else None
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     steps = [
         {**step, **{k: {n: _full(w) for n, w in step[k].items()} for k in ("adapter", "grad")}}
         for step in recorder.steps
@@ -166,7 +195,7 @@ def _worker(out: Path, strategy: str) -> None:
     initial = {n: _full(w) for n, w in recorder.initial_adapter.items()}
     torch.save(
         {"steps": steps, "initial_adapter": initial, "fit_s": time.perf_counter() - t0},
-        out / f"rank{rank}.pt",
+        out / f"{'resumed_' if mode == 'resume' else ''}rank{rank}.pt",
     )
 
 
@@ -230,22 +259,21 @@ def _replay_single_process(out: Path, ranks: list[dict[str, Any]]) -> _Recorder:
     return recorder
 
 
-def _launch(out: Path, strategy: str) -> list[dict[str, Any]]:
+def _launch(out: Path, strategy: str, mode: str = "") -> list[dict[str, Any]]:
     """torchrun this file on 2 CPU processes (gloo) and load what each rank recorded."""
     if not TINY.exists():
         pytest.skip(f"the embedded tiny model {TINY} is not built yet")
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
     proc = subprocess.run(
-        [*cmd, str(out), strategy], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [*cmd, str(out), strategy, mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
-    if (
-        proc.returncode != 0
-    ):  # not an AssertionError: the xfail tests below expect only their comparison to fail
+    if proc.returncode != 0:
         raise RuntimeError(
             f"torchrun exited with {proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-6000:]}"
         )
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    prefix = "resumed_" if mode == "resume" else ""
+    return [torch.load(out / f"{prefix}rank{r}.pt", weights_only=False) for r in range(2)]
 
 
 def test_group_advantages_are_exact_when_whole_groups_live_on_one_rank():
@@ -282,9 +310,8 @@ def ddp_run(tmp_path_factory) -> tuple[list[dict[str, Any]], _Recorder]:
     return ranks, _replay_single_process(out, ranks)
 
 
-@pytest.mark.slow
-def test_ddp_matches_single_process_on_the_same_data(ddp_run):
-    ranks, single = ddp_run
+def _assert_matches_single_process(ranks: list[dict[str, Any]], single: _Recorder) -> None:
+    """What 2 data-parallel ranks computed equals 1 process fitting the union of their prompts and completions."""
     for s in range(STEPS):
         # group advantages: rank r's groups are exactly rows r*B*G .. of the 1-process batch
         adv_ddp = torch.cat([r["steps"][s]["advantages"] for r in ranks])
@@ -295,7 +322,7 @@ def test_ddp_matches_single_process_on_the_same_data(ddp_run):
         # and what every rank logs (train/loss, reduced across ranks) is that mean
         for r in ranks:
             assert r["steps"][s]["loss"] == pytest.approx(mean_loss, rel=1e-6, abs=1e-9), s
-        # DDP's averaged gradient is the 1-process gradient (summation order aside) ...
+        # the averaged gradient is the 1-process gradient (summation order aside) ...
         grads = single.steps[s]["grad"]
         scale = max(g.abs().max().item() for g in grads.values())
         for name, g in grads.items():
@@ -312,6 +339,11 @@ def test_ddp_matches_single_process_on_the_same_data(ddp_run):
         if not torch.equal(w, ranks[0]["initial_adapter"][n])
     ]
     assert moved, "the adapter did not change: the comparison would be vacuous"
+
+
+@pytest.mark.slow
+def test_ddp_matches_single_process_on_the_same_data(ddp_run):
+    _assert_matches_single_process(*ddp_run)
 
 
 @pytest.mark.slow
@@ -344,22 +376,38 @@ def test_ranks_roll_out_different_prompts(ddp_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="GRPOModule.configure_model does not apply fully_shard, so under ModelParallelStrategy nothing syncs "
-    "gradients and ranks with different data drift apart (see docs/distributed.md for the fix)",
-)
-def test_fsdp2_ranks_with_different_data_keep_identical_adapters(tmp_path):
+def test_fsdp2_matches_single_process_and_keeps_ranks_identical(tmp_path):
+    """ModelParallelStrategy (FSDP2, gloo): ranks with different data stay identical and match 1 process."""
     ranks = _launch(tmp_path, "fsdp")
     if ranks[0]["steps"][0]["prompt_ids"] == ranks[1]["steps"][0]["prompt_ids"]:
-        pytest.fail(
-            "the ranks saw the same prompts, so the check below could not catch unsynchronized gradients"
-        )
+        pytest.fail("the ranks saw the same prompts, so unsynchronized gradients could not show")
     for s in range(STEPS):
         a, b = ranks[0]["steps"][s]["adapter"], ranks[1]["steps"][s]["adapter"]
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    _assert_matches_single_process(ranks, _replay_single_process(tmp_path, ranks))
+
+
+@pytest.mark.slow
+def test_fsdp2_saves_peft_adapters_and_resumes(tmp_path):
+    """Under FSDP2 the sharded adapter is gathered into a standard PEFT folder, and `last.ckpt` resumes it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ranks = _launch(tmp_path, "fsdp", "ckpt")
+    saved = tmp_path / "adapters" / f"step-{STEPS:06d}"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY), saved)
+    loaded = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
+    trained = ranks[0]["steps"][-1]["adapter"]  # gathered full tensors, named as in the PEFT model
+    assert loaded.keys() == trained.keys() and trained
+    for name, w in trained.items():
+        torch.testing.assert_close(loaded[name], w, rtol=0, atol=0)
+    resumed = _launch(tmp_path, "fsdp", "resume")
+    for r in range(2):  # the resumed run starts from the saved adapter and takes one more step
+        assert len(resumed[r]["steps"]) == 1
+        for name, w in trained.items():
+            torch.testing.assert_close(resumed[r]["initial_adapter"][name], w, rtol=0, atol=0)
+    assert (tmp_path / "adapters" / f"step-{STEPS + 1:06d}" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -376,4 +424,4 @@ def test_torchrun_script_trains_the_embedded_default_on_two_cpu_processes(tmp_pa
 
 
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "ddp")
+    _worker(Path(sys.argv[1]), *sys.argv[2:4])

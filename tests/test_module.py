@@ -153,3 +153,23 @@ def test_num_iterations_reuses_a_rollout_for_several_optimizer_steps(tmp_path):
     trainer = _fit(m, tmp_path, steps=2)
     assert m.policy_version == 2 and trainer.global_step == 2  # one rollout batch, two updates
     assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 1
+
+
+def test_rewards_are_called_once_per_group(tmp_path):
+    """Batch-relative rewards see one group at a time (as in Tina), through RewardSet's group_size."""
+    sizes: list[int] = []
+
+    @register_reward("test_records_call_sizes")
+    def _record(completions: list[str], **_) -> list[float | None]:
+        sizes.append(len(completions))
+        return [0.0] * len(completions)
+
+    m = GRPOModule(
+        model=TINY,
+        lora=LoRASettings(r=4, alpha=8, dropout=0.0),
+        grpo=GRPOSettings(num_generations=4, batch_size=8, micro_batch_size=4),
+        optim=OptimSettings(lr=1e-2, warmup_ratio=0.0),
+        rewards=[RewardSpec("test_records_call_sizes"), RewardSpec("test_completion_length")],
+    )
+    _fit(m, tmp_path, steps=1)
+    assert sizes == [4, 4]  # 2 prompts x G=4 in one step

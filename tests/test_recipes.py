@@ -159,7 +159,9 @@ def expected(name: str) -> dict[str, Any]:
         "model.optim.warmup_ratio": t["warmup_ratio"],
         "model.optim.min_lr_ratio": t["min_lr_rate"],
         "model.optim.weight_decay": 0.0,
-        "model.rewards": [{"name": n, "weight": w, "kwargs": kwargs.get(n, {})} for n, w in t["rewards"]],
+        "model.rewards": [
+            {"name": n, "weight": w, "kwargs": kwargs.get(n, {}), "scope": "group"} for n, w in t["rewards"]
+        ],
         "data.source": SOURCES.get(t["dataset"], t["dataset"]),
         "data.chat_template": "tina_r1",
         "data.max_prompt_length": t["max_prompt_length"],

@@ -1,4 +1,4 @@
-"""Tina's reward functions (hand-computed values) and RewardSet (weights, None, timeouts, config errors)."""
+"""Tina's reward functions (hand-computed values) and RewardSet (weights, None, timeouts, scope, config errors)."""
 
 from __future__ import annotations
 
@@ -166,6 +166,8 @@ def test_registered_user_reward() -> None:
         (RewardSpec("format", kwargs={"pattern": "("}), "not a valid regular expression"),
         (RewardSpec("accuracy", kwargs={"mode": "tex"}), "mode='tex'"),
         (RewardSpec("accuracy", weight=math.inf), "must be a finite number"),
+        (RewardSpec("length", scope="prompt"), r"model\.rewards\[1\]\.scope = 'prompt' must be one of"),  # type: ignore[arg-type]
+        (RewardSpec("length", kwargs={"group_size": 4}), r"model\.rewards\[1\]\.kwargs\.group_size"),
     ],
 )
 def test_config_errors_name_the_setting(
@@ -184,3 +186,104 @@ def test_call_errors() -> None:
         rs(["a", "b"], [{}])
     with pytest.raises(ValueError, match="empty"):
         RewardSet([])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# scope: which completions one call of a batch-relative reward sees
+
+GROUPS = [RIGHT10, WRONG10 + " " * 10, RIGHT10 + " " * 20, WRONG10 + " " * 30]  # lengths 10, 20 | 30, 40
+
+
+@pytest.mark.parametrize(
+    ("fn", "extra", "comps"),
+    [
+        (length_reward, {}, GROUPS),
+        # the l1 rewards depend on the call only through "all lengths equal -> 0": group 1 has equal lengths
+        (length_l1_exact_reward, {"target_length": 15}, [RIGHT10, RIGHT10, RIGHT10, WRONG10 + " "]),
+        (length_l1_max_reward, {"target_length": 15}, [RIGHT10, RIGHT10, RIGHT10, RIGHT10 + " "]),
+    ],
+)
+def test_length_rewards_normalize_per_group(fn: Any, extra: dict[str, Any], comps: list[str]) -> None:
+    columns = cols(4, **extra)
+    alone = [v for g in (0, 2) for v in fn(comps[g : g + 2], **{k: v[g : g + 2] for k, v in columns.items()})]
+    grouped = fn(comps, group_size=2, **columns)
+    assert grouped == pytest.approx(alone)
+    assert fn(comps, **columns) != pytest.approx(alone)  # one min/max over both groups differs
+    with pytest.raises(ValueError, match="do not split into groups of group_size=3"):
+        fn(comps, group_size=3, **columns)
+
+
+def test_length_per_group_hand_values() -> None:
+    # groups (10, 20) and (30, 40): each group's shortest gets 0.5 and its longest -0.5
+    assert length_reward(GROUPS, group_size=2, **cols(4)) == pytest.approx([0.5, -0.5, 0.5, -0.5])
+    # one min/max over the call: lam = 0.5 - (len - 10) / 30, wrong answers capped at 0
+    assert length_reward(GROUPS, **cols(4)) == pytest.approx([0.5, 0.0, 0.5 - 20 / 30, -0.5])
+
+
+def test_reward_set_scope_group_is_per_group_and_batch_is_whole_call() -> None:
+    rows = [TINY_ROW] * 4
+    by_group = RewardSet([RewardSpec("length")])(GROUPS, rows, group_size=2)
+    by_batch = RewardSet([RewardSpec("length", scope="batch")])(GROUPS, rows, group_size=2)
+    assert by_group.per_function[:, 0].tolist() == pytest.approx([0.5, -0.5, 0.5, -0.5])
+    assert by_batch.per_function[:, 0].tolist() == pytest.approx(length_reward(GROUPS, **cols(4)))
+    whole = RewardSet([RewardSpec("length")])(GROUPS, rows)  # no group_size: the call is one group
+    assert torch.equal(whole.per_function, by_batch.per_function)
+    with pytest.raises(ValueError, match="group_size=3"):
+        RewardSet([RewardSpec("length")])(GROUPS, rows, group_size=3)
+
+
+_CALLS: list[int] = []
+
+
+@register_reward("test_rewards_relative")
+def _relative(completions: list[str], **_: Any) -> list[float | None]:
+    """Rank of each length within the call, scaled to [0, 1] (depends on the other completions)."""
+    _CALLS.append(len(completions))
+    lo, hi = min(map(len, completions)), max(map(len, completions))
+    return [(len(c) - lo) / (hi - lo) for c in completions]
+
+
+@register_reward("test_rewards_own_length", per_completion=True)
+def _own_length(completions: list[str], **_: Any) -> list[float | None]:
+    _CALLS.append(len(completions))
+    return [float(len(c)) for c in completions]
+
+
+def test_user_rewards_are_called_per_group_unless_per_completion() -> None:
+    rows = [TINY_ROW] * 4
+    _CALLS.clear()
+    out = RewardSet([RewardSpec("test_rewards_relative")])(GROUPS, rows, group_size=2)
+    assert _CALLS == [2, 2] and out.per_function[:, 0].tolist() == [0.0, 1.0, 0.0, 1.0]
+    _CALLS.clear()
+    out = RewardSet([RewardSpec("test_rewards_relative", scope="batch")])(GROUPS, rows, group_size=2)
+    assert _CALLS == [4] and out.per_function[:, 0].tolist() == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    _CALLS.clear()
+    out = RewardSet([RewardSpec("test_rewards_own_length")])(GROUPS, rows, group_size=2)
+    assert _CALLS == [4] and out.per_function[:, 0].tolist() == [10.0, 20.0, 30.0, 40.0]
+
+
+def test_per_completion_rewards_ignore_scope_and_share_one_checker_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import lightning_tina.checker.scope as scope_module
+
+    batches: list[int] = []
+    real = scope_module.check_many
+
+    def counting(completions: Any, golds: Any, *args: Any, **kwargs: Any) -> Any:
+        batches.append(len(completions))
+        return real(completions, golds, *args, **kwargs)
+
+    names = ["accuracy", "format", "tag_count", "reasoning_steps", "cosine", "repetition_penalty", "length"]
+    by_group = RewardSet([RewardSpec(n) for n in names])
+    by_batch = RewardSet([RewardSpec(n, scope="batch") for n in names])
+    comps = [TINY, WRONG10, RIGHT10 + " " * 7, "Step 1: x\n</think>\n\\boxed{40}"]
+    rows = [TINY_ROW] * 4
+    monkeypatch.setattr(scope_module, "check_many", counting)
+    grouped = by_group(comps, rows, group_size=2)
+    assert batches == [4]  # every grading reward, the length one included, shares one batched checker call
+    whole = by_batch(comps, rows, group_size=2)
+    per_completion = slice(0, len(names) - 1)
+    assert torch.equal(grouped.per_function[:, per_completion], whole.per_function[:, per_completion])
+    direct = [accuracy_reward(comps, **cols(4)), format_reward(comps), cosine_reward(comps, **cols(4))]
+    assert torch.allclose(grouped.per_function[:, [0, 1, 4]].T, torch.tensor(direct))

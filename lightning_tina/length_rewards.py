@@ -1,0 +1,118 @@
+"""Tina's length rewards: values relative to the other completions of the same group (or of the whole call).
+
+Each function grades every completion of its call in one batched checker call, then normalizes lengths within
+blocks of ``group_size`` consecutive completions (completions are group-major, so a block is one prompt's
+group), or over the whole call when ``group_size`` is None. ``RewardSet`` passes ``group_size`` according to the
+reward's ``scope``; see ``RewardSpec.scope`` for which one Tina used. Lengths are characters, as in Tina.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_tina.reward_columns import correctness, is_correct_or_unparsed, numbers
+
+
+def blocks(n: int, group_size: int | None, reward: str) -> list[range]:
+    """The row ranges normalized together: consecutive groups of ``group_size`` rows, or all ``n`` rows."""
+    if group_size is None:
+        return [range(n)] if n else []
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"reward {reward!r}: group_size={group_size!r} must be a positive integer or None")
+    if n % group_size:
+        raise ValueError(
+            f"reward {reward!r}: {n} completions do not split into groups of group_size={group_size}"
+        )
+    return [range(s, s + group_size) for s in range(0, n, group_size)]
+
+
+def _spans(lengths: list[int], parts: list[range]) -> list[tuple[int, int]]:
+    """(min, max) length of each row's block, repeated per row: ``[N]`` pairs."""
+    spans: list[tuple[int, int]] = []
+    for part in parts:
+        block = [lengths[i] for i in part]
+        spans.extend([(min(block), max(block))] * len(part))
+    return spans
+
+
+def length_reward(
+    completions: list[str],
+    *,
+    group_size: int | None = None,
+    gold_field: str = "solution",
+    mode: str = "latex",
+    strict: bool = True,
+    timeout_s: float = 5.0,
+    **columns: Any,
+) -> list[float | None]:
+    """Kimi 1.5 length reward, min/max taken within each block (one group, or the whole call).
+
+    ``lam = 0.5 - (len - min_len) / (max_len - min_len)``; correct: ``lam``, wrong: ``min(0, lam)``;
+    all 0.0 in a block where every completion has the same length.
+    """
+    verdicts = correctness(completions, columns, "length", gold_field, mode, strict, timeout_s)
+    lengths = [len(c) for c in completions]
+    spans = _spans(lengths, blocks(len(completions), group_size, "length"))
+    rewards: list[float | None] = []
+    for n, (lo, hi), ok in zip(lengths, spans, is_correct_or_unparsed(verdicts), strict=True):
+        if hi == lo:
+            rewards.append(0.0)
+            continue
+        lam = 0.5 - (n - lo) / (hi - lo)
+        rewards.append(lam if ok else min(0.0, lam))
+    return rewards
+
+
+def length_l1_exact_reward(
+    completions: list[str],
+    *,
+    group_size: int | None = None,
+    alpha: float = 0.0003,
+    target_field: str = "target_length",
+    gold_field: str = "solution",
+    mode: str = "latex",
+    strict: bool = True,
+    timeout_s: float = 5.0,
+    **columns: Any,
+) -> list[float | None]:
+    """L1-Exact: correct ``1 - alpha*|len - target|``, wrong ``-alpha*|len - target|`` (per-row target).
+
+    As in Tina, all rewards of a block are 0.0 when every completion in it has the same length.
+    """
+    verdicts = correctness(completions, columns, "length_l1_exact", gold_field, mode, strict, timeout_s)
+    targets = numbers(columns, target_field, "length_l1_exact", len(completions))
+    lengths = [len(c) for c in completions]
+    spans = _spans(lengths, blocks(len(completions), group_size, "length_l1_exact"))
+    rewards: list[float | None] = []
+    for n, t, (lo, hi), ok in zip(lengths, targets, spans, is_correct_or_unparsed(verdicts), strict=True):
+        gap = alpha * abs(n - t)
+        rewards.append(0.0 if hi == lo else (1.0 - gap if ok else -gap))
+    return rewards
+
+
+def length_l1_max_reward(
+    completions: list[str],
+    *,
+    group_size: int | None = None,
+    alpha: float = 0.0003,
+    delta: float = 0.5,
+    target_field: str = "target_length",
+    gold_field: str = "solution",
+    mode: str = "latex",
+    strict: bool = True,
+    timeout_s: float = 5.0,
+    **columns: Any,
+) -> list[float | None]:
+    """L1-Max: correct ``clip(alpha*(target - len) + delta, 0, 1)``, wrong 0.0 (per-row target).
+
+    As in Tina, all rewards of a block are 0.0 when every completion in it has the same length.
+    """
+    verdicts = correctness(completions, columns, "length_l1_max", gold_field, mode, strict, timeout_s)
+    targets = numbers(columns, target_field, "length_l1_max", len(completions))
+    lengths = [len(c) for c in completions]
+    spans = _spans(lengths, blocks(len(completions), group_size, "length_l1_max"))
+    rewards: list[float | None] = []
+    for n, t, (lo, hi), ok in zip(lengths, targets, spans, is_correct_or_unparsed(verdicts), strict=True):
+        value = max(0.0, min(alpha * (t - n) + delta, 1.0))
+        rewards.append(value if ok and hi != lo else 0.0)
+    return rewards

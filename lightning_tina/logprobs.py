@@ -1,0 +1,141 @@
+"""Per-token log-probs of sampled completions under a causal LM (the policy, its reference, the old policy).
+
+Two things shape this file:
+
+- **The model is always called through its root module** (the PEFT wrapper or the causal LM), never through the
+  decoder backbone alone: under FSDP2 only the root's forward gathers the sharded parameters (embedding and head
+  included). The root is asked for the logits of one position only (`logits_to_keep=1`); the final hidden states
+  are taken from a forward hook on the final norm and projected to the vocabulary in chunks by
+  `grpo.token_logprobs`, so no [N, T, V] logits tensor exists.
+- **Each prompt is computed once per group** (`share_prompt=True`): the G completions of a prompt share its
+  tokens, so the prompt runs once with a KV cache, the cache is repeated G times, and the completions run on it.
+  The result equals the full-sequence forward (same attention inputs; floating-point summation order aside), and
+  gradients flow through the cache into the prompt pass, so LoRA weights get the prompt tokens' contribution
+  exactly once per group instead of G times. The saving is (G-1)/G of the prompt tokens' compute. Differences from
+  the full-sequence path: LoRA dropout draws one mask for the shared prompt instead of G, and layers with gradient
+  checkpointing drop the KV cache in training mode, so with checkpointing on, the path falls back to full
+  sequences for passes that need gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_tina import grpo
+from lightning_tina.policy import backbone_and_head, causal_lm
+
+
+def completion_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_len: int,
+    group_size: int = 1,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    share_prompt: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies of the last `completion_len` tokens of each row: ([n, C], [n, C]).
+
+    `input_ids`/`attention_mask` [n, P+C] hold a left-padded prompt and a right-padded completion, group-major
+    (rows i*G .. i*G+G-1 share prompt i). The prompt is computed once per group when `share_prompt` is set,
+    `group_size` > 1 divides n, the rows of each group really share their prompt, and the pass can use a KV
+    cache; otherwise every row runs as one full sequence.
+    """
+    backbone, head = backbone_and_head(model)
+    if share_prompt and _can_share(model, input_ids, attention_mask, completion_len, group_size):
+        hidden = _shared_prompt_hidden(model, backbone, input_ids, attention_mask, completion_len, group_size)
+    else:
+        hidden = _full_hidden(model, backbone, input_ids, attention_mask, completion_len)  # [n, C, H]
+    targets = input_ids[:, -completion_len:]  # [n, C]
+    return grpo.token_logprobs(hidden, targets, head.weight, head.bias, temperature, chunk_tokens)
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as generate() numbers left-padded rows: from each row's first real token. [n, T]"""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _final_norm(backbone: nn.Module) -> nn.Module:
+    norm = getattr(backbone, "norm", None)
+    if norm is None:
+        raise ValueError(
+            f"{type(backbone).__name__} has no final `norm` module to read hidden states from; "
+            "lightning_tina supports Llama/Qwen-style decoders"
+        )
+    return norm
+
+
+def _run(model: nn.Module, backbone: nn.Module, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """Call the root model; return the final-norm output [n, T, H] and the KV cache (None without use_cache)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        captured["hidden"] = output
+
+    handle = _final_norm(backbone).register_forward_hook(keep)
+    try:
+        out = model(**kwargs, logits_to_keep=1)  # [n, 1, V] logits: only the hidden states are used
+    finally:
+        handle.remove()
+    return captured["hidden"], getattr(out, "past_key_values", None)
+
+
+def _full_hidden(
+    model: nn.Module, backbone: nn.Module, ids: torch.Tensor, mask: torch.Tensor, c: int
+) -> torch.Tensor:
+    hidden, _ = _run(
+        model, backbone, input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False
+    )  # [n, P+C, H]
+    return hidden[:, -c - 1 : -1]  # [n, C, H]: the states that predict the completion
+
+
+def _shared_prompt_hidden(
+    model: nn.Module, backbone: nn.Module, ids: torch.Tensor, mask: torch.Tensor, c: int, g: int
+) -> torch.Tensor:
+    from transformers import DynamicCache
+
+    p = ids.shape[1] - c
+    positions = _positions(mask)  # [n, P+C]
+    prompt_hidden, cache = _run(
+        model,
+        backbone,
+        input_ids=ids[::g, :p],  # [b, P]: one row per group
+        attention_mask=mask[::g, :p],
+        position_ids=positions[::g, :p],
+        past_key_values=DynamicCache(),
+        use_cache=True,
+    )  # [b, P, H]
+    if cache is None:
+        raise RuntimeError(f"{type(model).__name__} returned no KV cache; set model.grpo.share_prompt false")
+    cache.batch_repeat_interleave(g)  # every layer's keys/values [b, ...] -> [b*G, ...], differentiably
+    completion_hidden, _ = _run(
+        model,
+        backbone,
+        input_ids=ids[:, p:],  # [n, C]
+        attention_mask=mask,  # [n, P+C]: cached prompt positions + the completion
+        position_ids=positions[:, p:],
+        past_key_values=cache,
+        use_cache=True,
+    )  # [n, C, H]
+    last_prompt = prompt_hidden[:, -1:].repeat_interleave(g, dim=0)  # [n, 1, H]: predicts completion token 0
+    return torch.cat([last_prompt, completion_hidden[:, :-1]], dim=1)  # [n, C, H]
+
+
+def _can_share(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, c: int, g: int) -> bool:
+    n, total = ids.shape
+    if g < 2 or n % g or c < 1 or total - c < 1:
+        return False
+    if (
+        torch.is_grad_enabled()
+        and model.training
+        and getattr(causal_lm(model), "is_gradient_checkpointing", False)
+    ):
+        return False  # checkpointed layers drop the cache in training mode
+    p = total - c
+    prompts, masks = ids[:, :p].view(n // g, g, p), mask[:, :p].view(n // g, g, p)  # [b, G, P]
+    # a group's rows must hold one prompt (true for rollouts; cheap to check, and wrong results otherwise)
+    return bool((prompts == prompts[:, :1]).all()) and bool((masks == masks[:, :1]).all())

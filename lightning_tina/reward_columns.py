@@ -1,0 +1,62 @@
+"""What reward functions read from their call: dataset-row columns and answer verdicts (shared checker cache).
+
+Used by ``lightning_tina.rewards`` and ``lightning_tina.length_rewards``; kept apart so that neither imports the
+other's registry at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_tina.checker import GRADING_MODES, Verdict
+from lightning_tina.checker.scope import answer_verdicts
+
+
+def column(columns: dict[str, Any], name: str, reward: str, n: int) -> list[Any]:
+    """The row field ``name`` as a list of ``n`` values (one per completion); a clear error when absent."""
+    if n == 0:
+        return []
+    if name not in columns:
+        raise KeyError(f"reward {reward!r} reads the row field {name!r}, but the rows have {sorted(columns)}")
+    values = columns[name]
+    if len(values) != n:
+        raise ValueError(f"reward {reward!r}: field {name!r} has {len(values)} values for {n} completions")
+    return list(values)
+
+
+def numbers(columns: dict[str, Any], name: str, reward: str, n: int) -> list[float]:
+    """The row field ``name`` as floats; refuses booleans and non-numbers."""
+    values = column(columns, name, reward, n)
+    bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))), None)
+    if bad is not None:
+        raise ValueError(f"reward {reward!r}: field {name!r} must hold numbers, got {bad!r}")
+    return [float(v) for v in values]
+
+
+def check_grading(mode: str, timeout_s: float) -> None:
+    """Refuse an unknown grading mode or a non-positive checker time limit."""
+    if mode not in GRADING_MODES:
+        raise ValueError(f"mode={mode!r} is not one of {list(GRADING_MODES)}")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s={timeout_s!r} must be positive")
+
+
+def correctness(
+    completions: list[str],
+    columns: dict[str, Any],
+    reward: str,
+    gold_field: str,
+    mode: str,
+    strict: bool,
+    timeout_s: float,
+) -> list[Verdict]:
+    """One checker verdict per completion against its row's ``gold_field``, in one batched checker call."""
+    check_grading(mode, timeout_s)
+    # A missing gold (None) must read as "no gold" (reward None), not as the text "None".
+    golds = ["" if g is None else str(g) for g in column(columns, gold_field, reward, len(completions))]
+    return answer_verdicts(completions, golds, mode=mode, strict=strict, timeout_s=timeout_s)
+
+
+def is_correct_or_unparsed(verdicts: list[Verdict]) -> list[bool]:
+    """Tina's length rewards treat an unparseable gold as correct ("to avoid penalizing")."""
+    return [v.correct or v.status == "gold_unparsed" for v in verdicts]

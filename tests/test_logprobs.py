@@ -1,0 +1,100 @@
+"""Completion log-probs: the shared-prompt path equals full sequences, in values and in LoRA gradients."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_tina import logprobs
+from lightning_tina.logprobs import completion_logprobs
+from lightning_tina.policy import LoRASettings, load_causal_lm, wrap_lora
+
+TINY = str(Path(__file__).resolve().parents[1] / "data" / "tiny")
+G, B, P, C = 4, 3, 20, 16
+
+
+@pytest.fixture(scope="module")
+def policy() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = wrap_lora(load_causal_lm(TINY), LoRASettings(r=8, alpha=32, dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; random B makes the adapter change every layer's output
+            p.data.normal_(0, 0.05)
+    return model.train()
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """B prompts x G completions, group-major, with left-padded prompts and right-padded completions."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 200, (B, P + C), generator=g).repeat_interleave(G, 0)  # [N, P+C]
+    ids[:, P:] = torch.randint(3, 200, (B * G, C), generator=g)  # each row its own completion
+    mask = torch.ones_like(ids)  # [N, P+C]
+    for rows, pad in ((slice(0, 4), 5), (slice(4, 8), 2)):  # groups 0 and 1 have shorter prompts
+        ids[rows, :pad], mask[rows, :pad] = 0, 0
+    ids[1, -3:], mask[1, -3:] = 0, 0  # a completion that stopped 3 tokens early
+    return ids, mask
+
+
+def _run(policy: torch.nn.Module, share: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    ids, mask = _batch()
+    policy.zero_grad()
+    lp, ent = completion_logprobs(policy, ids, mask, C, G, temperature=0.7, share_prompt=share)  # [N, C] each
+    (lp * mask[:, P:]).sum().backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    return lp.detach() * mask[:, P:], ent * mask[:, P:], grads
+
+
+def test_shared_prompt_equals_full_sequences_in_values_and_gradients(policy, monkeypatch):
+    calls = []
+    shared = logprobs._shared_prompt_hidden
+    monkeypatch.setattr(logprobs, "_shared_prompt_hidden", lambda *a: calls.append(1) or shared(*a))
+    full_lp, full_ent, full_grads = _run(policy, share=False)
+    assert not calls
+    lp, ent, grads = _run(policy, share=True)
+    assert calls, "the shared-prompt path did not run"
+    torch.testing.assert_close(lp, full_lp, rtol=0, atol=5e-5)
+    torch.testing.assert_close(ent, full_ent, rtol=0, atol=5e-5)
+    assert grads.keys() == full_grads.keys() and grads
+    for name, g in full_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item())
+    assert any(g.abs().max() > 0 for n, g in grads.items() if "layers.0." in n)  # reached the first layer
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["groups_differ", "misaligned_rows", "group_of_one"],
+)
+def test_falls_back_to_full_sequences_when_rows_do_not_form_groups(policy, monkeypatch, case):
+    calls = []
+    monkeypatch.setattr(logprobs, "_shared_prompt_hidden", lambda *a: calls.append(1))
+    ids, mask = _batch()
+    g = G
+    if case == "groups_differ":
+        ids[1, P - 1] += 1  # one row of group 0 has another prompt
+    elif case == "misaligned_rows":
+        ids, mask = ids[1:-1], mask[1:-1]  # a micro-batch that starts inside a group: 10 rows
+        g = 5  # divides 10, yet the rows of each 5 do not share a prompt
+    else:
+        g = 1
+    with torch.no_grad():
+        lp, _ = completion_logprobs(policy, ids, mask, C, g)
+    assert not calls and lp.shape == (ids.shape[0], C)
+
+
+def test_gradient_checkpointing_in_training_uses_full_sequences(monkeypatch):
+    model = wrap_lora(load_causal_lm(TINY), LoRASettings(r=4, alpha=8, dropout=0.0))
+    model.base_model.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    model.train()
+    calls = []
+    shared = logprobs._shared_prompt_hidden
+    monkeypatch.setattr(logprobs, "_shared_prompt_hidden", lambda *a: calls.append(1) or shared(*a))
+    ids, mask = _batch()
+    completion_logprobs(model, ids, mask, C, G)[
+        0
+    ].sum().backward()  # checkpointed layers would drop the cache
+    assert not calls
+    with torch.no_grad():  # the reference / old-policy passes keep sharing
+        completion_logprobs(model.eval(), ids, mask, C, G)
+    assert calls == [1]
