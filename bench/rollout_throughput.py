@@ -1,11 +1,14 @@
-"""Rollout throughput: the colocated vLLM engine against plain Hugging Face `generate`, and the adapter sync time.
+"""Rollout throughput: the colocated vLLM engine against plain Hugging Face `generate`, and the weight sync time.
 
-Both engines sample P prompts x n completions of exactly T new tokens (EOS ignored) from the same PEFT LoRA policy
-(adapter not merged) and report completion tokens per wall second and per CPU second of this process (steadier on
-a shared machine), medians over interleaved repeats after one warm-up. The sync time is `VLLMEngine.sync`
-(snapshot of the adapter) plus loading it into vLLM, for each sync mode.
+Every engine samples P prompts x n completions of exactly T new tokens (EOS suppressed with min_new_tokens) from
+the same PEFT LoRA policy and reports completion tokens per wall second and per CPU second of this process
+(steadier on a shared machine), medians over interleaved repeats after one warm-up. vLLM serves the policy either
+as a LoRA (`vllm`, `vllm-plain`) or merged into full weights (`vllm-merged`), in the trainer's dtype or in
+--rollout-dtype. The sync time is `VLLMEngine.sync` (snapshot: adapter copy, or merge) plus loading it into vLLM.
+One vLLM engine per process: run `vllm`/`vllm-plain` and `vllm-merged` in separate invocations.
 
     python bench/rollout_throughput.py                         # data/tiny if present, else a random tiny Qwen2
+    python bench/rollout_throughput.py --config-from 18m --engines vllm-merged,hf --rollout-dtype bfloat16
     python bench/rollout_throughput.py --config-from qwen1.5b  # 1.5B-shaped random Qwen2 (for a GPU)
 
 Prints a short table and one JSON line (prefixed "JSON ").
@@ -28,7 +31,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # colocated: engin
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import SHAPES  # noqa: E402  (bench/ is on sys.path when a script runs)
+from common import SHAPES, load_avg, machine, tiny_dir  # noqa: E402  (bench/ is on sys.path when a script runs)
+from common import build_random_qwen2 as build_shared_shape  # noqa: E402
 
 from lightning_tina.rollout.base import SamplingConfig  # noqa: E402
 from lightning_tina.rollout.vllm import VLLMConfig, VLLMEngine  # noqa: E402
@@ -50,7 +54,15 @@ PRESETS: dict[str, dict] = {
         tie_word_embeddings=True,
     ),
     "qwen1.5b": SHAPES["qwen1.5b"],  # one definition of the 1.5B shape, in bench/common.py
+    "18m": SHAPES[
+        "18m"
+    ],  # built by bench/common.py with the tiny model's tokenizer, as the other bench scripts
 }
+VLLM_ENGINES = {
+    "vllm": "lora",
+    "vllm-plain": "lora",
+    "vllm-merged": "merged",
+}  # engine -> VLLMConfig.weight_sync
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -128,10 +140,10 @@ def vllm_runner(
     engine: VLLMEngine, prompts: list[list[int]], n: int, tokens: int, fast_path: bool
 ) -> Callable[[], None]:
     """One rollout with VLLMEngine.generate; fast_path switches the CPU single-adapter LoRA matmul."""
-    sampling = SamplingConfig(max_new_tokens=tokens, temperature=1.0, seed=0)
+    sampling = SamplingConfig(max_new_tokens=tokens, min_new_tokens=tokens, temperature=1.0, seed=0)
 
     def run() -> None:
-        if not engine.on_gpu:
+        if not engine.on_gpu and engine.weight_sync == "lora":
             install_cpu_single_lora_fast_path(fast_path)
         gens = engine.generate(prompts, n, sampling)
         assert sum(len(g.token_ids) for g in gens) == len(prompts) * n * tokens
@@ -140,17 +152,19 @@ def vllm_runner(
 
 
 def sync_times(engine: VLLMEngine, policy: torch.nn.Module, repeats: int) -> dict[str, dict[str, float]]:
-    """Median seconds of `sync` (snapshot) and of loading the snapshot into vLLM, for each sync mode."""
+    """Median seconds of `sync` (snapshot) and of loading the snapshot into vLLM: for each adapter transport
+    ("files", "tensors") with LoRA serving, or the merge and in-place load ("merged")."""
     syncs: dict[str, dict[str, float]] = {}
-    for mode in ("files", "tensors"):
-        engine.config.sync_mode = mode
+    for mode in ("files", "tensors") if engine.weight_sync == "lora" else ("merged",):
+        if mode != "merged":
+            engine._weights.transport = mode
         snap, load = [], []
         for version in range(1, 2 + repeats):  # the first is a warm-up
             engine._wake()  # GPU sleep mode: waking is part of every rollout, not of the sync
             start = time.perf_counter()
             engine.sync(policy, version)
             mid = time.perf_counter()
-            engine._push_pending()  # what the next generate does first
+            engine._weights.push(engine._llm, engine._lora_enabled)  # what the next generate does first
             snap.append(mid - start)
             load.append(time.perf_counter() - mid)
         t = {"snapshot_s": statistics.median(snap[1:]), "load_s": statistics.median(load[1:])}
@@ -164,7 +178,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--model", help="model folder (default: data/tiny if present, else --config-from tiny)"
     )
-    parser.add_argument("--config-from", choices=sorted(PRESETS), help="build a random Qwen2 of this shape")
+    parser.add_argument(
+        "--config-from",
+        choices=sorted(PRESETS),
+        help="build a random Qwen2 of this shape (18m: bench/common.py's, with the tiny tokenizer)",
+    )
     parser.add_argument("--layers", type=int, help="override the preset's layer count (smoke tests)")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--n", type=int, default=8, help="generations per prompt")
@@ -172,11 +190,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompt-len", type=int, default=64, help="prompt length in tokens (random ids)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--lora-rank", type=int, default=32, help="Tina's main recipes use 32")
-    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--dtype", default="auto", help="policy dtype; auto: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument(
+        "--rollout-dtype", default=None, help="vLLM's dtype (VLLMConfig.dtype); default: the policy's --dtype"
+    )
     parser.add_argument(
         "--engines",
         default="vllm,hf",
-        help="comma-separated: vllm, vllm-plain (CPU: vLLM's own LoRA ops, without our fast path), hf",
+        help="comma-separated: vllm (LoRA served), vllm-plain (the same with vLLM's own CPU LoRA ops instead of "
+        "our fast path), vllm-merged (adapter merged into the weights; not with the other two), hf",
     )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     parser.add_argument("--kv-cache-gib", type=float, default=None, help="CPU KV-cache size")
@@ -198,8 +220,13 @@ def main(argv: list[str] | None = None) -> dict:
             tmp.name,
             f"random {preset}" + (f" ({args.layers} layers)" if args.layers else ""),
         )
-        weights_dtype = torch.bfloat16 if preset == "qwen1.5b" else torch.float32
-        build_random_qwen2(preset, Path(tmp.name), weights_dtype, args.layers)
+        if preset == "18m":
+            if args.layers is not None:
+                parser.error("--layers: not available with --config-from 18m (bench/common.py's fixed shape)")
+            build_shared_shape("18m", Path(tmp.name), tiny_dir())
+        else:
+            weights_dtype = torch.bfloat16 if preset == "qwen1.5b" else torch.float32
+            build_random_qwen2(preset, Path(tmp.name), weights_dtype, args.layers)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
     torch_dtype = getattr(torch, dtype)
     policy = lora_policy(model_path, args.lora_rank, torch_dtype)
@@ -212,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
         params=sum(p.numel() for p in policy.parameters()),
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{args.threads} threads",
         dtype=dtype,
+        rollout_dtype=args.rollout_dtype or dtype,
         prompts=args.prompts,
         n=args.n,
         new_tokens=args.new_tokens,
@@ -220,21 +248,25 @@ def main(argv: list[str] | None = None) -> dict:
         repeats=args.repeats,
     )
     engines = args.engines.split(",")
-    unknown = set(engines) - {"vllm", "vllm-plain", "hf"}
+    unknown = set(engines) - {*VLLM_ENGINES, "hf"}
     if unknown or (torch.cuda.is_available() and "vllm-plain" in engines):
-        parser.error(f"--engines: use vllm, vllm-plain (CPU only) and hf; got {args.engines}")
+        parser.error(f"--engines: use vllm, vllm-plain (CPU only), vllm-merged and hf; got {args.engines}")
+    methods = {VLLM_ENGINES[e] for e in engines if e in VLLM_ENGINES}
+    if len(methods) > 1:
+        parser.error("--engines: vllm-merged needs its own run (one vLLM engine per process)")
     runners: dict[str, Callable[[], None]] = {}
     engine = None
-    if any(e.startswith("vllm") for e in engines):
+    if methods:
         config = VLLMConfig(
             max_model_len=args.prompt_len + args.new_tokens,
             kv_cache_gib=args.kv_cache_gib,
             enable_sleep_mode=False if args.no_sleep else None,
-            ignore_eos=True,
+            weight_sync=methods.pop(),  # type: ignore[arg-type]
+            dtype=args.rollout_dtype,
         )
         engine = VLLMEngine(model_path, dtype=dtype, max_lora_rank=args.lora_rank, config=config)
         engine.sync(policy, 0)
-        for name in ("vllm", "vllm-plain"):
+        for name in VLLM_ENGINES:
             if name in engines:
                 runners[name] = vllm_runner(
                     engine, prompts, args.n, args.new_tokens, fast_path=name == "vllm"
@@ -256,6 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
             result[f"{name}_runs"] = [round(r[0]) for r in rates]
         if engine is not None:
             result["sync"] = sync_times(engine, policy, args.repeats)
+        result["load_avg_1min"] = load_avg()
+        result["machine"] = machine()
     finally:
         if engine is not None:
             engine.close()
@@ -263,13 +297,14 @@ def main(argv: list[str] | None = None) -> dict:
         tmp.cleanup()
 
     print(
-        f"{result['model']} ({result['params'] / 1e6:.2f}M params, {dtype}, {result['device']}), "
-        f"{args.prompts} prompts x {args.n} x {args.new_tokens} tokens, median of {args.repeats}"
+        f"{result['model']} ({result['params'] / 1e6:.2f}M params, {dtype}, vLLM {result['rollout_dtype']}, "
+        f"{result['device']}), {args.prompts} prompts x {args.n} x {args.new_tokens} tokens, median of "
+        f"{args.repeats}; load average {result.get('load_avg_1min', float('nan')):.2f}"
     )
-    for name in ("vllm", "vllm-plain", "hf"):
+    for name in (*VLLM_ENGINES, "hf"):
         if f"{name}_tokens_per_s" in result:
             print(
-                f"  {name:<10} {result[f'{name}_tokens_per_s']:>8.0f} tokens/s wall "
+                f"  {name:<11} {result[f'{name}_tokens_per_s']:>8.0f} tokens/s wall "
                 f"{result[f'{name}_tokens_per_cpu_s']:>8.0f} tokens/CPU-s"
             )
     for mode, t in result.get("sync", {}).items():

@@ -1,4 +1,5 @@
-"""The colocated vLLM engine: output layout, EOS, and proof that it samples from the policy just synced.
+"""Rollout engines: the colocated vLLM engine's output layout, EOS, and proof that it samples from the policy just
+synced (adapter served as a LoRA or merged into the weights); min_new_tokens and synced_gpus for both engines.
 
 Freshness (issue 5.3): after every optimizer step and `sync`, vLLM's log-prob of each sampled token must match the
 policy's own log_softmax(logits / T), recomputed with the PEFT model in eval mode. Tolerance (fp32 on both sides):
@@ -9,7 +10,9 @@ Measured: mean below 4e-7 and max below 1.2e-5 on data/tiny (below 2.2e-7 / 1.5e
 after one Adam step at lr 5e-3 leaves a mean gap of 0.1-0.9 on both models, so the stale check (mean gap > 10x
 the tolerance) fails a stale adapter by a wide margin. The lr is kept low enough that the policy does not collapse
 onto its samples (at lr 5e-2 data/tiny reached log-probs of exactly 0, where any engine would "match"); the test
-also asserts that the sampled tokens are not near-certain.
+also asserts that the sampled tokens are not near-certain. Merged sync (weight_sync="merged", the adapter merged into
+the linear weights and loaded in place) is held to the same tolerances (measured: mean 1.8e-6, max 3e-5 with a
+large random adapter on data/tiny).
 """
 
 from __future__ import annotations
@@ -154,17 +157,25 @@ def _gap(
 @pytest.mark.vllm
 @requires_vllm
 @pytest.mark.parametrize(
-    "sync_mode, fast_path",
-    [("files", True), ("tensors", True), ("tensors", False)],
-    ids=["files", "tensors", "tensors-vllm-lora-ops"],
+    "weight_sync, sync_mode, fast_path",
+    [
+        ("lora", "files", True),
+        ("lora", "tensors", True),
+        ("lora", "tensors", False),
+        ("merged", "auto", True),
+    ],
+    ids=["files", "tensors", "tensors-vllm-lora-ops", "merged"],
 )
-def test_freshness_with_and_without_sync(tiny_model: Path, sync_mode: str, fast_path: bool) -> None:
-    """fast_path=False checks vLLM's own CPU LoRA ops; True checks our single-adapter matmul (vllm_worker.py)."""
+def test_freshness_with_and_without_sync(
+    tiny_model: Path, weight_sync: str, sync_mode: str, fast_path: bool
+) -> None:
+    """fast_path=False checks vLLM's own CPU LoRA ops; True checks our single-adapter matmul (vllm_worker.py);
+    "merged" serves the adapter merged into full weights by an engine without LoRA."""
     prompts, n = _prompts(tiny_model), 4
     sampling = SamplingConfig(max_new_tokens=12, temperature=TEMPERATURE)
     policy = _policy(tiny_model)
     opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=5e-3)
-    engine = _engine(tiny_model, sync_mode=sync_mode, cpu_lora_fast_path=fast_path)
+    engine = _engine(tiny_model, weight_sync=weight_sync, sync_mode=sync_mode, cpu_lora_fast_path=fast_path)
     try:
         engine.sync(policy, 0)
         gens = engine.generate(prompts, n, sampling)
@@ -189,16 +200,19 @@ def test_freshness_with_and_without_sync(tiny_model: Path, sync_mode: str, fast_
             certainty = sum(-lp for g in gens for lp in g.logprobs) / sum(len(g.logprobs) for g in gens)
             assert certainty > 0.01, f"step {step}: the policy collapsed (mean -log-prob {certainty:.3f})"
             print(
-                f"{sync_mode} fast={fast_path} step {step}: fresh mean {mean:.2e} max {worst:.2e}; "
+                f"{weight_sync} {sync_mode} fast={fast_path} step {step}: fresh mean {mean:.2e} max {worst:.2e}; "
                 f"stale mean {stale_mean:.2e}; mean -log-prob {certainty:.3f}"
             )
             assert mean <= MEAN_TOL and worst <= MAX_TOL, f"step {step}: mean {mean:.2e}, max {worst:.2e}"
         engine.sync(policy, 4)
         engine.sync(policy, 5)  # supersedes a snapshot that was never served
         engine.generate(prompts[:1], 1, sampling)
-        assert len(engine.served_adapter_ids()) == 1  # old versions released
+        if weight_sync == "merged":
+            assert "enable_lora" not in engine.engine_kwargs() and not engine.served_adapter_ids()
+        else:
+            assert len(engine.served_adapter_ids()) == 1  # old versions released
         if sync_mode == "files":
-            assert len(list(engine._adapter_root.iterdir())) == 1  # old adapter files deleted
+            assert len(list(engine._weights.adapter_root.iterdir())) == 1  # old adapter files deleted
     finally:
         engine.close()
 
@@ -257,6 +271,16 @@ def test_generate_layout_eos_and_logprobs(tiny_model: Path) -> None:
         assert stopped.finish_reason == "stop" and len(stopped.token_ids) <= 3
         assert stopped.token_ids == first[: len(stopped.token_ids)] and stop in tok.decode(stopped.token_ids)
 
+        # min_new_tokens: EOS is suppressed for that many tokens. M is one more than the shortest completion that
+        # stopped above, so with the same seeds at least one completion must behave differently.
+        m = min(len(g.token_ids) for g in gens if g.finish_reason == "stop") + 1
+        forced = engine.generate(
+            prompts, n, SamplingConfig(max_new_tokens=128, temperature=TEMPERATURE, seed=7, min_new_tokens=m)
+        )
+        assert all(len(g.token_ids) >= m and eos not in g.token_ids[:m] for g in forced)
+        with pytest.raises(ValueError, match="min_new_tokens"):
+            engine.generate(prompts, n, SamplingConfig(max_new_tokens=4, min_new_tokens=5))
+
         with pytest.raises(ValueError, match="max_model_len"):
             engine.generate([[1] * 600], 1, long)
     finally:
@@ -286,6 +310,171 @@ def test_full_weight_sync_without_peft(tiny_model: Path) -> None:
         engine.close()
 
 
+@pytest.mark.vllm
+@requires_vllm
+def test_weight_reload_resets_the_prefix_cache(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts longer than a KV block get their first block from the prefix cache; after a merged (in-place) sync
+    that block must be recomputed. Proof that the check can fail: with the reset disabled the gap is large."""
+    n = 2
+    sampling = SamplingConfig(max_new_tokens=8, temperature=TEMPERATURE, seed=11)
+    policy = _policy(tiny_model)
+    engine = _engine(tiny_model, weight_sync="merged")
+    lora = [p for name, p in policy.named_parameters() if "lora_B" in name]
+
+    def step(version: int) -> None:
+        with torch.no_grad():
+            for p in lora:
+                p.add_(0.05 * torch.randn_like(p))  # a large "optimizer step" on the adapter
+        engine.sync(policy, version)
+
+    try:
+        engine.sync(policy, 0)
+        engine.generate([[1]], 1, sampling)  # starts the engine
+        block = engine._llm.llm_engine.vllm_config.cache_config.block_size
+        vocab = policy.config.vocab_size
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(3, vocab - 1, (2, block + 8), generator=g).tolist()  # one full block + 8
+        engine.generate(prompts, n, sampling)  # caches each prompt's first block
+        step(1)
+        mean, worst = _gap(policy, prompts, engine.generate(prompts, n, sampling), n)
+        assert mean <= MEAN_TOL and worst <= MAX_TOL, f"fresh: mean {mean:.2e}, max {worst:.2e}"
+
+        monkeypatch.setattr(engine._llm, "reset_prefix_cache", lambda *a, **k: True)  # a reload that forgets
+        step(2)
+        stale, _ = _gap(policy, prompts, engine.generate(prompts, n, sampling), n)
+        print(f"prefix cache: fresh mean {mean:.2e} max {worst:.2e}; without the reset {stale:.2e}")
+        assert stale > 10 * MEAN_TOL, f"stale KV blocks went unnoticed ({stale:.2e})"
+    finally:
+        engine.close()
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_bfloat16_rollouts_for_a_float32_trainer(tiny_model: Path) -> None:
+    """VLLMConfig.dtype overrides the trainer's dtype; the log-prob gap is then bf16 rounding, not a stale model."""
+    prompts, n = _prompts(tiny_model), 4
+    sampling = SamplingConfig(max_new_tokens=12, temperature=TEMPERATURE, seed=5)
+    policy = _policy(tiny_model)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    engine = _engine(tiny_model, weight_sync="merged", dtype="bfloat16")
+    try:
+        assert engine.dtype == "bfloat16" and engine.engine_kwargs()["dtype"] == "bfloat16"
+        engine.sync(policy, 0)
+        gens = engine.generate(prompts, n, sampling)
+        assert engine._llm.llm_engine.model_config.dtype == torch.bfloat16
+        mean, worst = _gap(policy, prompts, gens, n)
+        print(f"bf16 rollouts vs fp32 trainer: mean {mean:.2e} max {worst:.2e}")
+        assert mean <= 0.05, f"bf16 engine is not serving the synced policy (mean gap {mean:.2e})"
+    finally:
+        engine.close()
+
+
+def test_merged_weights_match_peft_merge_and_leave_the_policy_alone(tiny_model: Path) -> None:
+    """The merged snapshot equals PEFT's merge_and_unload on a copy, for every pushed tensor; the policy's own
+    weights do not change; every linear of a block with a LoRA target is sent (fused q/k/v and gate/up must
+    arrive whole), and nothing else."""
+    import copy
+
+    from lightning_tina.rollout.vllm_sync import merged_lora_weights
+
+    policy = _policy(tiny_model)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    pushed = dict(merged_lora_weights(policy, "default", torch.float32))
+    assert all(torch.equal(v, policy.state_dict()[k]) for k, v in before.items())  # the policy is untouched
+    reference = copy.deepcopy(policy).merge_and_unload().state_dict()
+    linears = {k for k in reference if any(f".{t}." in k for t in LORA_TARGETS)}
+    assert set(pushed) == linears  # all 7 linears of every layer, weights and biases
+    for k, v in pushed.items():
+        torch.testing.assert_close(v, reference[k], rtol=1e-6, atol=1e-6)
+        if k.endswith(".weight"):
+            original = before["base_model.model." + k.replace(".weight", ".base_layer.weight")]
+            assert not torch.equal(v, original)  # the adapter was merged in
+
+    # Only q_proj targeted: k/v ride along (fused with q), o_proj of the same block too; no MLP weights.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    q_only = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
+    names = {k.rsplit(".", 2)[-2] for k, _ in merged_lora_weights(q_only, "default", torch.bfloat16)}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert all(v.dtype == torch.bfloat16 for _, v in merged_lora_weights(q_only, "default", torch.bfloat16))
+
+
+def test_hf_engine_min_new_tokens(tiny_model: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_tina.rollout.hf import HFEngine
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    engine, prompts, n = HFEngine(model, tok), _prompts(tiny_model), 4
+    free = engine.generate(prompts, n, SamplingConfig(max_new_tokens=96, temperature=TEMPERATURE, seed=3))
+    stopped = [len(g.token_ids) for g in free if g.finish_reason == "stop"]
+    assert stopped, "no completion reached EOS: the check below would prove nothing"
+    m = min(stopped) + 1  # at least one completion stopped before m tokens
+    forced = engine.generate(
+        prompts, n, SamplingConfig(max_new_tokens=96, temperature=TEMPERATURE, seed=3, min_new_tokens=m)
+    )
+    assert all(len(g.token_ids) >= m and tok.eos_token_id not in g.token_ids[:m] for g in forced)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        engine.generate(prompts, n, SamplingConfig(max_new_tokens=4, min_new_tokens=5))
+
+
+def test_hf_engine_syncs_ranks_for_fsdp2_models(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """synced_gpus=True exactly when parameters are DTensors and the process group has more than one rank; and
+    HFEngine passes the decision to generate."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_tina.rollout import hf
+    from lightning_tina.rollout.hf import HFEngine, needs_synced_gpus
+
+    plain = torch.nn.Linear(4, 4)
+    assert not needs_synced_gpus(plain)  # no process group
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        sharded = torch.nn.Linear(4, 4)
+        mesh = init_device_mesh("cpu", (1,))
+        sharded.weight = torch.nn.Parameter(distribute_tensor(sharded.weight.detach(), mesh, [Replicate()]))
+        assert not needs_synced_gpus(sharded)  # one rank: nothing to wait for
+        monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+        assert needs_synced_gpus(sharded) and not needs_synced_gpus(plain)
+    finally:
+        dist.destroy_process_group()
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    seen: list[object] = []
+    real_generate = model.generate
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(kwargs.pop("synced_gpus", None))  # recorded, not used: this process has no process group
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    engine = HFEngine(model, AutoTokenizer.from_pretrained(tiny_model))
+    monkeypatch.setattr(hf, "needs_synced_gpus", lambda m: True)
+    engine.generate(_prompts(tiny_model)[:1], 1, SamplingConfig(max_new_tokens=2))
+    monkeypatch.setattr(hf, "needs_synced_gpus", lambda m: False)
+    engine.generate(_prompts(tiny_model)[:1], 1, SamplingConfig(max_new_tokens=2))
+    assert seen == [True, None]  # None: transformers' own choice
+
+
 def test_bad_settings_and_adapters_are_refused(tiny_model: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -296,11 +485,22 @@ def test_bad_settings_and_adapters_are_refused(tiny_model: Path) -> None:
         VLLMEngine(str(tiny_model), dtype="fp8")
     with pytest.raises(ValueError, match="sync_mode"):
         VLLMEngine(str(tiny_model), config=VLLMConfig(sync_mode="shm"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="weight_sync"):
+        VLLMEngine(str(tiny_model), config=VLLMConfig(weight_sync="shared"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="VLLMConfig.dtype"):
+        VLLMEngine(str(tiny_model), config=VLLMConfig(dtype="fp8"))
+    with pytest.raises(ValueError, match="weight_sync='merged' needs tensor_parallel_size=1"):
+        VLLMEngine(str(tiny_model), config=VLLMConfig(weight_sync="merged", tensor_parallel_size=2))
+    override = VLLMEngine(str(tiny_model), dtype="float32", config=VLLMConfig(dtype="bfloat16"))
+    assert override.dtype == "bfloat16" and VLLMEngine(str(tiny_model), dtype="float32").dtype == "float32"
+    auto = VLLMEngine(str(tiny_model))
+    assert auto.weight_sync == ("lora" if torch.cuda.is_available() else "merged")
+    assert ("enable_lora" in auto.engine_kwargs()) == (auto.weight_sync == "lora")
     assert VLLMEngine(str(tiny_model), max_lora_rank=20).max_lora_rank == 32  # rounded up to a vLLM rank
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="enable_sleep_mode"):
             VLLMEngine(str(tiny_model), config=VLLMConfig(enable_sleep_mode=True))
-    engine = _engine(tiny_model)  # never started: the checks run before vLLM is touched
+    engine = _engine(tiny_model, weight_sync="lora")  # never started: the checks run before vLLM is touched
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     too_big = get_peft_model(base, LoraConfig(r=16, target_modules=LORA_TARGETS))
     with pytest.raises(ValueError, match="max_lora_rank 8"):
@@ -310,4 +510,9 @@ def test_bad_settings_and_adapters_are_refused(tiny_model: Path) -> None:
     with pytest.raises(ValueError, match="use_dora"):
         engine.sync(dora, 0)
     assert engine._llm is None
+    merged = _engine(tiny_model, weight_sync="merged")  # merged: any rank works, DoRA still cannot be merged
+    merged.sync(too_big, 0)
+    with pytest.raises(ValueError, match="use_dora"):
+        merged.sync(dora, 0)
+    assert merged._llm is None
     assert ".[cpu]" in VLLM_INSTALL_HINT and ".[gpu]" in VLLM_INSTALL_HINT

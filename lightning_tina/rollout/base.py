@@ -17,6 +17,9 @@ class SamplingConfig:
 
     max_new_tokens: int = 256
     """Longest completion in tokens; longer ones are cut and counted as truncated (Tina: 3584)."""
+    min_new_tokens: int = 0
+    """EOS is suppressed until a completion has this many tokens (0 = off). Benchmarks use it to force lengths;
+    with vLLM the returned log-probs of those first tokens are then under the EOS-masked distribution."""
     temperature: float = 1.0
     """Softmax temperature; 0 means greedy decoding."""
     top_p: float = 1.0

@@ -29,6 +29,11 @@ class HFEngine(RolloutEngine):
     def generate(
         self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig
     ) -> list[Generation]:
+        if not 0 <= sampling.min_new_tokens <= sampling.max_new_tokens:
+            raise ValueError(
+                f"sampling.min_new_tokens={sampling.min_new_tokens} must be between 0 and max_new_tokens "
+                f"({sampling.max_new_tokens})."
+            )
         out: list[Generation] = []
         for start in range(0, len(prompt_ids), self.max_batch_prompts):
             out.extend(self._generate_batch(prompt_ids[start : start + self.max_batch_prompts], n, sampling))
@@ -53,6 +58,11 @@ class HFEngine(RolloutEngine):
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
         )
+        # Only ever set to True: left unset, transformers decides (it detects DeepSpeed ZeRO-3 by itself).
+        if needs_synced_gpus(self.model):
+            kwargs["synced_gpus"] = True
+        if sampling.min_new_tokens > 0:
+            kwargs["min_new_tokens"] = sampling.min_new_tokens
         if not greedy:
             kwargs.update(
                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k
@@ -84,3 +94,20 @@ class HFEngine(RolloutEngine):
         # without stop strings every token up to max_new_tokens was sampled, a sampled pad id included
         stopped = bool(sampling.stop) and len(tokens) < sampling.max_new_tokens
         return Generation(token_ids=tokens, logprobs=None, finish_reason="stop" if stopped else "length")
+
+
+def needs_synced_gpus(model: torch.nn.Module) -> bool:
+    """True when `generate` must keep every rank stepping until all ranks are done (`synced_gpus=True`).
+
+    That is the case for a model sharded with FSDP2 (its parameters are DTensors, as under Lightning's
+    ModelParallelStrategy) in a process group of more than one rank: each forward pass all-gathers the parameters
+    with a collective, so a rank whose sequences stop early must keep running forward passes, or the other ranks
+    wait for it forever. transformers does this by itself only for models it sharded itself.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    if torch.distributed.get_world_size() < 2:
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())

@@ -1,11 +1,10 @@
-"""Colocated vLLM rollouts that serve the live LoRA adapter without merging it into the base weights.
+"""Colocated vLLM rollouts that serve the live policy: its LoRA adapter, or the adapter merged into full weights.
 
-The engine is an in-process `vllm.LLM` with LoRA enabled, created on first use. After each optimizer step
-`sync(policy, version)` snapshots only the adapter (a few MB) and the next `generate` serves it under a NEW
-`lora_int_id` and a new name: vLLM silently keeps serving an adapter whose id it has seen, and its prefix cache is
-keyed by the adapter's name and path, so reusing either would sample from a stale policy. The previous version is
-removed from vLLM (and its files deleted), so memory does not grow with steps. A policy that is not a PEFT model
-(full fine-tuning) is pushed with vLLM's in-place weight reload instead.
+The engine is an in-process `vllm.LLM`, created on first use. After each optimizer step `sync(policy, version)`
+snapshots what vLLM needs and the next `generate` loads it (see rollout/vllm_sync.py): with
+`VLLMConfig.weight_sync="lora"` only the adapter, served under a fresh adapter id; with "merged" the adapter merged
+into the linear weights, loaded in place into an engine started without LoRA (faster generation on CPU). A policy
+that is not a PEFT model (full fine-tuning) is always pushed with vLLM's in-place weight reload.
 
 Log-probs: vLLM runs with `logprobs_mode="processed_logprobs"`, i.e. log_softmax(filter(logits / T)) where filter is
 top-k/top-p/min-p. With those filters off (Tina's setting) this equals the trainer's log_softmax(logits / T) of the
@@ -17,17 +16,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from lightning_tina.rollout.base import RolloutEngine, SamplingConfig
-from lightning_tina.rollout.vllm_worker import add_lora_from_tensors, install_cpu_single_lora_fast_path
+from lightning_tina.rollout.vllm_sync import WeightSync
+from lightning_tina.rollout.vllm_worker import install_cpu_single_lora_fast_path
 from lightning_tina.types import Generation
 
 VLLM_INSTALL_HINT = (
@@ -37,6 +34,7 @@ VLLM_INSTALL_HINT = (
 """The message the engine factory shows when vLLM is missing (notice on fallback, error when asked for)."""
 
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM 0.32 accepts
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def vllm_available() -> bool:
@@ -83,16 +81,32 @@ class VLLMConfig:
     faster generation for the tiny model; see rollout/vllm_worker.py and bench/README_rollout.md)."""
     ignore_eos: bool = False
     """Benchmarks only: keep sampling past EOS so every completion has exactly max_new_tokens tokens."""
+    weight_sync: Literal["auto", "lora", "merged"] = "auto"
+    """How a LoRA policy reaches vLLM. "lora": the adapter alone, served through a LoRARequest (a fresh adapter id
+    every version; the base weights stay as loaded). "merged": the engine starts without LoRA and every sync merges
+    the adapter into the linear weights it targets (W + scale * B @ A, in float32, without touching the trainer's
+    model) and loads those layers in place; more data per sync (all targeted linear layers instead of the adapter)
+    but faster generation, with no LoRA ops per token. "auto": "merged" on CPU, "lora" on GPU (adapter-only sync,
+    as Tina) or with tensor_parallel_size > 1. Full fine-tuning (a policy that is not a PEFT model) always reloads
+    the full weights. Timings: bench/README_rollout.md."""
+    dtype: str | None = None
+    """Rollout dtype ("float32", "bfloat16", "float16", "auto"), independent of the trainer's. None: the dtype the
+    engine was built with (the trainer's, from make_engine). A lower rollout precision (bfloat16 rollouts for a
+    float32 trainer: 1.7x faster merged generation on an avx512_bf16 CPU, bench/README_rollout.md) makes the
+    engine's log-probs those of the rounded model: the trainer logs the gap (engine/logprob_diff_mean) and
+    corrects for it with truncated importance sampling (model.grpo.tis_cap)."""
 
 
 class VLLMEngine(RolloutEngine):
-    """Rollouts from a colocated vLLM engine that serves the current LoRA adapter (or full weights).
+    """Rollouts from a colocated vLLM engine that serves the current policy (see the module docstring).
 
     Args:
         model: base model path or hub id (the policy's frozen base).
-        dtype: "float32", "bfloat16", "float16" or "auto" (bfloat16 on GPU, float32 on CPU). Match the trainer's
-            dtype, or the engine's log-probs differ from the trainer's by the dtype's rounding.
-        max_lora_rank: largest adapter rank to serve; rounded up to a rank vLLM supports (1, 8, 16, 32, ...).
+        dtype: "float32", "bfloat16", "float16" or "auto" (bfloat16 on GPU, float32 on CPU); `config.dtype`
+            overrides it. With the trainer's dtype the engine's log-probs match the trainer's up to kernel
+            rounding; a lower one makes them those of the rounded model (see VLLMConfig.dtype).
+        max_lora_rank: largest adapter rank to serve ("lora" sync); rounded up to a rank vLLM supports (1, 8,
+            16, 32, ...).
         config: engine settings.
         tokenizer: tokenizer path or id when it differs from `model`.
     """
@@ -105,8 +119,16 @@ class VLLMEngine(RolloutEngine):
         config: VLLMConfig | None = None,
         tokenizer: str | None = None,
     ) -> None:
-        if dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"VLLMEngine dtype={dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'.")
+        self.config = config or VLLMConfig()
+        cfg = self.config
+        if cfg.dtype is not None:
+            if cfg.dtype not in _DTYPES:
+                raise ValueError(
+                    f"VLLMConfig.dtype={cfg.dtype!r}: use None, {', '.join(map(repr, _DTYPES))}."
+                )
+            dtype = cfg.dtype
+        if dtype not in _DTYPES:
+            raise ValueError(f"VLLMEngine dtype={dtype!r}: use {', '.join(map(repr, _DTYPES))}.")
         allowed = [r for r in _LORA_RANKS if r >= max_lora_rank]
         if max_lora_rank < 1 or not allowed:
             raise ValueError(
@@ -117,46 +139,50 @@ class VLLMEngine(RolloutEngine):
         self.on_gpu = torch.cuda.is_available()
         self.dtype = dtype if dtype != "auto" else ("bfloat16" if self.on_gpu else "float32")
         self.max_lora_rank = allowed[0]
-        self.config = config or VLLMConfig()
-        if self.config.sync_mode not in ("auto", "files", "tensors"):
+        if cfg.sync_mode not in ("auto", "files", "tensors"):
+            raise ValueError(f"VLLMConfig.sync_mode={cfg.sync_mode!r}: use 'auto', 'files' or 'tensors'.")
+        if cfg.sync_mode == "tensors" and cfg.tensor_parallel_size != 1:
             raise ValueError(
-                f"VLLMConfig.sync_mode={self.config.sync_mode!r}: use 'auto', 'files' or 'tensors'."
+                "VLLMConfig.sync_mode='tensors' needs tensor_parallel_size=1 (an in-process worker); use 'files'."
             )
-        self.sleep_mode = (
-            self.on_gpu if self.config.enable_sleep_mode is None else self.config.enable_sleep_mode
+        if cfg.weight_sync not in ("auto", "lora", "merged"):
+            raise ValueError(f"VLLMConfig.weight_sync={cfg.weight_sync!r}: use 'auto', 'lora' or 'merged'.")
+        merged_first = not self.on_gpu and cfg.tensor_parallel_size == 1
+        self.weight_sync = (
+            cfg.weight_sync if cfg.weight_sync != "auto" else ("merged" if merged_first else "lora")
         )
+        """The resolved VLLMConfig.weight_sync: "lora" or "merged"."""
+        if self.weight_sync == "merged" and cfg.tensor_parallel_size != 1:
+            raise ValueError(
+                "VLLMConfig.weight_sync='merged' needs tensor_parallel_size=1 (weights are loaded into the "
+                "in-process model); use weight_sync='lora'."
+            )
+        self.sleep_mode = self.on_gpu if cfg.enable_sleep_mode is None else cfg.enable_sleep_mode
         if self.sleep_mode and not self.on_gpu:
             raise ValueError("VLLMConfig.enable_sleep_mode=True needs a GPU (vLLM has no sleep mode on CPU).")
         self.version: int | None = None
         """The policy version passed to the last `sync` (None before the first)."""
         self._llm: Any = None
-        self._lora_enabled = True
-        self._lora_id = 0  # vLLM adapter id; a fresh one for every sync
-        self._served: Any = None  # the LoRARequest of the adapter now loaded in vLLM
-        # the last sync's snapshot, loaded by the next generate: ("files", folder), ("tensors", (tensors,
-        # config)) or ("full", [(name, tensor)])
-        self._pending: tuple[str, Any] | None = None
+        self._lora_enabled = self.weight_sync == "lora"
+        transport = cfg.sync_mode
+        if transport == "auto":
+            transport = "tensors" if cfg.tensor_parallel_size == 1 else "files"
+        self._weights = WeightSync(
+            self.weight_sync, transport, self.max_lora_rank, getattr(torch, self.dtype), cfg.adapter_dir
+        )
         self._asleep = False
-        self._adapter_root: Path | None = None
 
     # ---- the RolloutEngine interface ---------------------------------------------------------------------------
 
     def sync(self, policy: torch.nn.Module, version: int) -> None:
-        """Snapshot the adapter of `policy` (or its full weights when it is not a PEFT model) for the next
-        `generate`; later optimizer steps do not change what was snapshotted."""
+        """Snapshot the adapter of `policy` (merged into its weights with weight_sync="merged"), or its full
+        weights when it is not a PEFT model, for the next `generate`; later optimizer steps do not change what
+        was snapshotted."""
         from peft import PeftModel
 
-        self._drop_pending()  # a snapshot that was never served
-        if isinstance(policy, PeftModel):
-            self._pending = self._snapshot_adapter(policy)
-        else:
-            if self._llm is None:
-                self._lora_enabled = False  # full fine-tuning: no LoRA machinery (it slows generation)
-            # [name -> tensor] copies on CPU so the trainer's next step cannot change them before generate
-            self._pending = (
-                "full",
-                [(k, v.detach().to("cpu", copy=True)) for k, v in policy.state_dict().items()],
-            )
+        if not isinstance(policy, PeftModel) and self._llm is None:
+            self._lora_enabled = False  # full fine-tuning: no LoRA machinery (it slows generation)
+        self._weights.snapshot(policy)
         self.version = version
 
     def generate(
@@ -165,6 +191,11 @@ class VLLMEngine(RolloutEngine):
         """Sample `n` completions per prompt from the last synced weights; group-major output."""
         if n < 1:
             raise ValueError(f"generate: n={n}; the number of generations per prompt must be at least 1.")
+        if not 0 <= sampling.min_new_tokens <= sampling.max_new_tokens:
+            raise ValueError(
+                f"sampling.min_new_tokens={sampling.min_new_tokens} must be between 0 and max_new_tokens "
+                f"({sampling.max_new_tokens})."
+            )
         if not prompt_ids:
             return []
         llm = self._engine()
@@ -176,8 +207,8 @@ class VLLMEngine(RolloutEngine):
                     f"({sampling.max_new_tokens}) must be between 1 and VLLMConfig.max_model_len ({limit}). "
                     "Raise max_model_len or shorten the prompt / completion."
                 )
-        self._wake()
-        self._push_pending()
+        self._wake()  # weights and adapters are written into memory that sleep releases
+        self._weights.push(llm, self._lora_enabled)
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -191,6 +222,7 @@ class VLLMEngine(RolloutEngine):
                 top_k=sampling.top_k,  # 0 = off, as in vLLM
                 min_p=sampling.min_p,
                 max_tokens=sampling.max_new_tokens,
+                min_tokens=sampling.min_new_tokens,  # EOS (and stop strings) only after this many tokens
                 stop=list(sampling.stop) or None,
                 include_stop_str_in_output=True,  # the text keeps the stop string, like the token ids do
                 detokenize=bool(sampling.stop),  # text is only needed to find stop strings
@@ -204,7 +236,7 @@ class VLLMEngine(RolloutEngine):
         # In-process sampling draws from the global RNG even for seeded requests: keep the trainer's stream out.
         rng = _rng_state()
         try:
-            outputs = llm.generate(prompts, params, lora_request=self._served, use_tqdm=False)
+            outputs = llm.generate(prompts, params, lora_request=self._weights.lora_request, use_tqdm=False)
         finally:
             _set_rng_state(rng)
         self._sleep()
@@ -225,9 +257,7 @@ class VLLMEngine(RolloutEngine):
         if self._llm is not None:
             self._llm.llm_engine.engine_core.shutdown()
             self._llm = None
-        if self._adapter_root is not None:
-            shutil.rmtree(self._adapter_root, ignore_errors=True)
-            self._adapter_root = None
+        self._weights.close()
 
     # ---- engine start and sleep ----------------------------------------------------------------------------------
 
@@ -304,113 +334,11 @@ class VLLMEngine(RolloutEngine):
             self._llm.sleep(level=1)  # level 1 keeps the base weights (in CPU memory) for the next adapter
             self._asleep = True
 
-    # ---- weight sync -------------------------------------------------------------------------------------------
-
-    def _mode(self) -> str:
-        mode = self.config.sync_mode
-        if mode == "auto":
-            return "tensors" if self.config.tensor_parallel_size == 1 else "files"
-        if mode == "tensors" and self.config.tensor_parallel_size != 1:
-            raise ValueError(
-                "VLLMConfig.sync_mode='tensors' needs tensor_parallel_size=1 (an in-process worker); use 'files'."
-            )
-        return mode
-
-    def _snapshot_adapter(self, policy: Any) -> tuple[str, Any]:
-        """Copy the active adapter of a PEFT model (files or CPU tensors) after checking vLLM can serve it."""
-        from peft import get_peft_model_state_dict
-
-        names = list(policy.active_adapters)
-        if len(names) != 1:
-            raise ValueError(f"sync: the policy has active adapters {names}; activate exactly one.")
-        cfg = policy.peft_config[names[0]]
-        _check_lora_config(cfg, self.max_lora_rank)
-        # {"base_model.model.<module>.lora_A.weight": [r, in], ...lora_B.weight: [out, r]}
-        state = get_peft_model_state_dict(policy, adapter_name=names[0])
-        if self._mode() == "tensors":
-            return "tensors", ({k: v.detach().to("cpu", copy=True) for k, v in state.items()}, cfg.to_dict())
-        from safetensors.torch import save_file
-
-        if self._adapter_root is None:
-            base = self.config.adapter_dir or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
-            self._adapter_root = Path(tempfile.mkdtemp(prefix="tina-adapters-", dir=base))
-        path = Path(tempfile.mkdtemp(prefix="adapter-", dir=self._adapter_root))
-        cfg.save_pretrained(str(path))  # adapter_config.json
-        save_file(
-            {k: v.detach().to("cpu").contiguous() for k, v in state.items()},
-            str(path / "adapter_model.safetensors"),
-        )
-        return "files", str(path)
-
-    def _push_pending(self) -> None:
-        """Load the snapshot taken by the last `sync` into vLLM and drop the previous adapter."""
-        if self._pending is None:
-            return
-        self._wake()  # adapters and weights are written into memory that sleep releases
-        kind, payload = self._pending
-        llm = self._llm
-        if kind == "full":
-            llm.collective_rpc(
-                "reload_weights", kwargs=dict(weights_iterator=iter(payload), is_checkpoint_format=True)
-            )
-            llm.reset_prefix_cache()
-            self._pending = self._served = None  # the reload also dropped any adapter
-            return
-        if not self._lora_enabled:
-            raise RuntimeError(
-                "sync: the engine was started for full fine-tuning and cannot serve a LoRA adapter."
-            )
-        from vllm.lora.request import LoRARequest
-
-        old = self._served
-        self._lora_id += 1
-        name = f"policy-{self._lora_id}"  # a new name too: the prefix cache is keyed by name and path
-        if kind == "tensors":
-            tensors, cfg = payload
-            llm.collective_rpc(add_lora_from_tensors, args=(self._lora_id, tensors, cfg))
-            self._served = LoRARequest(name, self._lora_id, f"in-memory://{name}")
-        else:
-            self._served = LoRARequest(name, self._lora_id, payload)
-            llm.llm_engine.add_lora(self._served)
-        if old is not None:
-            llm.llm_engine.remove_lora(old.lora_int_id)  # usually already evicted (max_cpu_loras=1)
-            if not old.lora_path.startswith("in-memory://"):
-                shutil.rmtree(old.lora_path, ignore_errors=True)
-        llm.reset_prefix_cache()  # blocks computed under the old adapter are useless now
-        self._pending = None
-
-    def _drop_pending(self) -> None:
-        if self._pending is not None and self._pending[0] == "files":
-            shutil.rmtree(self._pending[1], ignore_errors=True)
-        self._pending = None
-
     def served_adapter_ids(self) -> set[int]:
-        """The adapter ids vLLM holds now (one after a sync: old versions are released)."""
-        return set(self._llm.llm_engine.list_loras()) if self._llm is not None else set()
-
-
-def _check_lora_config(cfg: Any, max_rank: int) -> None:
-    """Refuse adapters vLLM would reject or silently serve differently, naming the PEFT setting to change."""
-    from peft import LoraConfig
-
-    if not isinstance(cfg, LoraConfig):
-        raise ValueError(
-            f"sync: the policy's adapter is a {type(cfg).__name__}; only LoRA adapters can be served."
-        )
-    problems = []
-    rank = max([cfg.r, *(cfg.rank_pattern or {}).values()])
-    if rank > max_rank:
-        problems.append(f"rank {rank} > the engine's max_lora_rank {max_rank} (raise max_lora_rank)")
-    if cfg.use_dora:
-        problems.append("use_dora=True (vLLM serves plain LoRA only)")
-    if cfg.bias != "none":
-        problems.append(f"bias={cfg.bias!r} (use 'none')")
-    if cfg.modules_to_save:
-        problems.append(
-            f"modules_to_save={cfg.modules_to_save} (adapter-only sync cannot carry full modules)"
-        )
-    if problems:
-        raise ValueError("sync: vLLM cannot serve this LoRA adapter: " + "; ".join(problems) + ".")
+        """The adapter ids vLLM holds now (one after a "lora" sync: old versions are released)."""
+        if self._llm is None or not self._lora_enabled:
+            return set()
+        return set(self._llm.llm_engine.list_loras())
 
 
 def _rng_state() -> tuple[Any, ...]:
