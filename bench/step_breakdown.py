@@ -186,7 +186,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     module = build_module(str(model), args)
     # Forced length: HF generate takes min_new_tokens from the model's generation config; vLLM ignores EOS.
     module.policy.get_base_model().generation_config.min_new_tokens = args.tokens
-    vllm_cfg = VLLMConfig(ignore_eos=True, kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len)
+    vllm_cfg = VLLMConfig(
+        ignore_eos=True,
+        kv_cache_gib=args.kv_cache_gib,
+        max_model_len=args.max_model_len,
+        dtype=args.rollout_dtype,
+        weight_sync=args.weight_sync,
+    )
     engine = (
         None
         if args.synthetic
@@ -273,9 +279,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--rollout-dtype", default=None, choices=["float32", "bfloat16"], help="vLLM: rollout dtype"
+    )
+    p.add_argument(
+        "--weight-sync", default="auto", choices=["auto", "lora", "merged"], help="vLLM: how weights sync"
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(
-        "--no-share-prompt", action="store_true", help="run every completion with its prompt (G prompt passes)"
+        "--no-share-prompt",
+        action="store_true",
+        help="run every completion with its prompt (G prompt passes)",
     )
     p.add_argument(
         "--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (weights stay)"

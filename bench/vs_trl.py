@@ -32,6 +32,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
 PROMPTS, GENERATIONS, BETA, LORA_R, LORA_ALPHA, LR = 8, 4, 0.04, 8, 32, 1e-6
+LT_ENGINES = ["hf", "vllm", "vllm-bf16", "vllm-lora"]
 
 
 # ---- workers (one per subprocess) ------------------------------------------------------------------------------
@@ -87,14 +88,17 @@ def run_lightning_tina(args: argparse.Namespace) -> dict[str, Any]:
         rewards=[RewardSpec("accuracy", 1.0), RewardSpec("format", 1.0)],
     )
     module.configure_model()
-    # Force the length: HF generate reads min_new_tokens from the model's generation config (the engine passes
-    # no value of its own); the vLLM engine has a benchmark switch that ignores EOS.
-    module.policy.get_base_model().generation_config.min_new_tokens = args.tokens
+    engine, _, variant = args.engine.partition("-")  # LT_ENGINES: "vllm-bf16" = vLLM with bf16 rollouts, ...
     rollout = RolloutCallback(
-        engine=args.engine,
-        sampling=SamplingConfig(max_new_tokens=args.tokens, temperature=1.0),
+        engine=engine,
+        # the forced length: both engines suppress EOS until min_new_tokens
+        sampling=SamplingConfig(max_new_tokens=args.tokens, min_new_tokens=args.tokens, temperature=1.0),
         num_generations=GENERATIONS,
-        vllm=VLLMConfig(ignore_eos=True, kv_cache_gib=0.5),
+        vllm=VLLMConfig(
+            kv_cache_gib=0.5,
+            dtype="bfloat16" if variant == "bf16" else None,
+            weight_sync="lora" if variant == "lora" else "auto",  # auto: merged weights on CPU
+        ),
     )
     ends: list[float] = []
     cpu_ends: list[
@@ -584,8 +588,9 @@ def main(argv: list[str] | None = None) -> None:
         "--lt-engines",
         nargs="+",
         default=["hf", "vllm"],
-        choices=["hf", "vllm"],
-        help="lightning_tina engines to run (TRL always uses generate)",
+        choices=LT_ENGINES,
+        help="lightning_tina engines to run (TRL always uses generate): vllm serves merged weights in the "
+        "trainer's dtype, vllm-bf16 in bfloat16, vllm-lora the LoRA adapter",
     )
     p.add_argument(
         "--rounds", type=int, default=2, help="runs per tool/engine/size, order rotated each round"

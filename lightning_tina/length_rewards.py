@@ -79,14 +79,12 @@ def length_l1_exact_reward(
 
     As in Tina, all rewards of a block are 0.0 when every completion in it has the same length.
     """
-    verdicts = correctness(completions, columns, "length_l1_exact", gold_field, mode, strict, timeout_s)
-    targets = numbers(columns, target_field, "length_l1_exact", len(completions))
-    lengths = [len(c) for c in completions]
-    spans = _spans(lengths, blocks(len(completions), group_size, "length_l1_exact"))
     rewards: list[float | None] = []
-    for n, t, (lo, hi), ok in zip(lengths, targets, spans, is_correct_or_unparsed(verdicts), strict=True):
+    for n, t, same, ok in _targeted_rows(
+        "length_l1_exact", completions, columns, group_size, target_field, gold_field, mode, strict, timeout_s
+    ):
         gap = alpha * abs(n - t)
-        rewards.append(0.0 if hi == lo else (1.0 - gap if ok else -gap))
+        rewards.append(0.0 if same else (1.0 - gap if ok else -gap))
     return rewards
 
 
@@ -107,12 +105,30 @@ def length_l1_max_reward(
 
     As in Tina, all rewards of a block are 0.0 when every completion in it has the same length.
     """
-    verdicts = correctness(completions, columns, "length_l1_max", gold_field, mode, strict, timeout_s)
-    targets = numbers(columns, target_field, "length_l1_max", len(completions))
-    lengths = [len(c) for c in completions]
-    spans = _spans(lengths, blocks(len(completions), group_size, "length_l1_max"))
     rewards: list[float | None] = []
-    for n, t, (lo, hi), ok in zip(lengths, targets, spans, is_correct_or_unparsed(verdicts), strict=True):
+    for n, t, same, ok in _targeted_rows(
+        "length_l1_max", completions, columns, group_size, target_field, gold_field, mode, strict, timeout_s
+    ):
         value = max(0.0, min(alpha * (t - n) + delta, 1.0))
-        rewards.append(value if ok and hi != lo else 0.0)
+        rewards.append(value if ok and not same else 0.0)
     return rewards
+
+
+def _targeted_rows(
+    name: str,
+    completions: list[str],
+    columns: dict[str, Any],
+    group_size: int | None,
+    target_field: str,
+    gold_field: str,
+    mode: str,
+    strict: bool,
+    timeout_s: float,
+) -> list[tuple[int, float, bool, bool]]:
+    """Per completion of an L1 reward: (length, target, all lengths of its block equal, correct or unparsed)."""
+    verdicts = correctness(completions, columns, name, gold_field, mode, strict, timeout_s)
+    targets = numbers(columns, target_field, name, len(completions))
+    lengths = [len(c) for c in completions]
+    spans = _spans(lengths, blocks(len(completions), group_size, name))
+    oks = is_correct_or_unparsed(verdicts)
+    return [(n, t, lo == hi, ok) for n, t, (lo, hi), ok in zip(lengths, targets, spans, oks, strict=True)]

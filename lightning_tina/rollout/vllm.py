@@ -179,7 +179,13 @@ class VLLMEngine(RolloutEngine):
         weights when it is not a PEFT model, for the next `generate`; later optimizer steps do not change what
         was snapshotted."""
         from peft import PeftModel
+        from torch.distributed.tensor import DTensor
 
+        if any(isinstance(p, DTensor) for p in policy.parameters()):
+            raise NotImplementedError(
+                "rollout.engine vllm cannot read an FSDP2-sharded policy yet (ModelParallelStrategy); use "
+                "rollout.engine hf with FSDP2, or trainer.strategy ddp with vLLM (see docs/distributed.md)"
+            )
         if not isinstance(policy, PeftModel) and self._llm is None:
             self._lora_enabled = False  # full fine-tuning: no LoRA machinery (it slows generation)
         self._weights.snapshot(policy)
