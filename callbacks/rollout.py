@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from lightning_tina.rank_state import gather_ranks, own_rank
 from lightning_tina.rollout import EngineName, RolloutEngine, VLLMConfig, make_engine
 from lightning_tina.rollout.base import SamplingConfig
 from lightning_tina.rollout.batch import make_rollouts
@@ -125,13 +126,15 @@ class RolloutCallback(L.Callback):
             self._synced_version = -1
 
     def state_dict(self) -> dict[str, Any]:
-        # The sampling RNG at the end of the last step, so that a resumed run draws the same rollouts.
-        return {
-            "sampling": asdict(self.sampling),
-            "engine": self.engine_name,
-            "torch_rng": torch.get_rng_state(),
-        }
+        # The sampling RNG at the end of the last step (each rank's), so that a resumed run draws the same rollouts.
+        return gather_ranks(
+            {
+                "sampling": asdict(self.sampling),
+                "engine": self.engine_name,
+                "torch_rng": torch.get_rng_state(),
+            }
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        rng = state_dict.get("torch_rng")
+        rng = own_rank(state_dict).get("torch_rng")
         self._restored_rng = rng.clone() if isinstance(rng, torch.Tensor) else None

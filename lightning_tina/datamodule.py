@@ -26,6 +26,7 @@ from lightning_tina.data_sources import (
     validate_head,
 )
 from lightning_tina.prompts import render_prompt, resolve_system_prompt
+from lightning_tina.rank_state import gather_ranks, own_rank
 from lightning_tina.types import PromptBatch
 
 TINY_SOURCE = "tiny_arithmetic"
@@ -239,9 +240,10 @@ class ReasoningDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         pos = self.consumed or {"epoch": self.epoch, "rows_in_epoch": self.rows_in_epoch}
-        return {**pos, "skipped": dict(self.skipped)}
+        return gather_ranks({**pos, "skipped": dict(self.skipped)})  # each rank's position (ranks read apart)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = own_rank(state)
         self.epoch = int(state.get("epoch", 0))
         self.rows_in_epoch = int(state.get("rows_in_epoch", 0))
         self.skipped = Counter(state.get("skipped", {}))

@@ -40,12 +40,14 @@ def _config(
     rank: int = 0,
     steps: int = STEPS,
     checkpoints: bool = False,
+    engine: str = "hf",
 ) -> Path:
     """The embedded default (configs/tiny.yaml), shrunk: 2 steps, 2 prompts x 4 completions per rank, 64 tokens.
 
     strategy "fsdp" is Lightning's ModelParallelStrategy (FSDP2) with one data-parallel dimension, and gives each
     rank its own data seed so that unsynchronized gradients would show. `checkpoints` adds AdapterCheckpoint and
-    ResumeCheckpoint (every step) under out/adapters and out/ckpt.
+    ResumeCheckpoint (every step) under out/adapters and out/ckpt. `engine` "vllm" gives each rank its own
+    in-process vLLM engine.
     """
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     if strategy == "fsdp":
@@ -92,6 +94,9 @@ def _config(
     )
     cfg["data"]["val_source"] = None
     cfg["rollout"]["sampling"]["max_new_tokens"] = MAX_NEW_TOKENS
+    cfg["rollout"]["engine"] = engine
+    if engine == "vllm":
+        cfg["rollout"]["vllm"] = {"kv_cache_gib": 0.25}
     path = out / f"config_{strategy}_world{world}_rank{rank}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -154,7 +159,10 @@ class _Recorder:
                 recorder.initial_adapter = _adapter(pl_module)
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-                recorder.steps[-1]["loss"] = float(trainer.callback_metrics["train/loss"])
+                metrics = trainer.callback_metrics
+                recorder.steps[-1]["loss"] = float(metrics["train/loss"])
+                if "engine/logprob_diff_mean" in metrics:  # vLLM: engine vs trainer log-probs
+                    recorder.steps[-1]["engine_gap"] = float(metrics["engine/logprob_diff_mean"])
                 recorder.steps[-1]["adapter"] = _adapter(pl_module)
 
         cli.trainer.callbacks.append(_AfterStep())
@@ -165,6 +173,18 @@ class _Recorder:
         grpo.group_advantages = self._group_advantages
 
 
+def _stop_after(steps: int) -> Any:
+    """A callback that ends `fit` after `steps` optimizer steps, leaving the schedule's length unchanged."""
+    import lightning as L
+
+    class StopAfter(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step >= steps:
+                trainer.should_stop = True
+
+    return StopAfter()
+
+
 def _adapter(pl_module: Any) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in pl_module.policy.named_parameters() if p.requires_grad}
 
@@ -172,19 +192,31 @@ def _adapter(pl_module: Any) -> dict[str, torch.Tensor]:
 def _worker(out: Path, strategy: str, mode: str = "") -> None:
     """One rank of the torchrun launch: fit the shrunk embedded default and save what it computed.
 
-    mode "ckpt": also write adapters and resume checkpoints; "resume": continue that run for one more step from
-    out/ckpt/last.ckpt (results go to resumed_rank<r>.pt).
+    mode "ckpt": also write adapters and resume checkpoints, and stop after STEPS of a STEPS + 1 schedule (as a
+    pre-emption would); "resume": continue that run for its last step from out/ckpt/last.ckpt (results go to
+    resumed_rank<r>.pt); "straight": the STEPS + 1 steps without a break; "vllm": a vLLM engine per rank.
     """
     from lightning_tina.__main__ import cli_main
 
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    steps = STEPS + 1 if mode == "resume" else STEPS
-    config = _config(out, world, PROMPTS_PER_RANK, strategy, rank, steps, checkpoints=bool(mode))
+    steps = STEPS + 1 if mode in ("ckpt", "resume", "straight") else STEPS
+    config = _config(
+        out,
+        world,
+        PROMPTS_PER_RANK,
+        strategy,
+        rank,
+        steps,
+        checkpoints=mode in ("ckpt", "resume"),
+        engine="vllm" if mode == "vllm" else "hf",
+    )
     cli = cli_main(["--config", str(config)], run=False)
     recorder = _Recorder()
     recorder.install(cli)
+    if mode == "ckpt":
+        cli.trainer.callbacks.append(_stop_after(STEPS))
     t0 = time.perf_counter()
     ckpt = str(out / "ckpt" / "last.ckpt") if mode == "resume" else None
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
@@ -408,6 +440,42 @@ def test_fsdp2_saves_peft_adapters_and_resumes(tmp_path):
         for name, w in trained.items():
             torch.testing.assert_close(resumed[r]["initial_adapter"][name], w, rtol=0, atol=0)
     assert (tmp_path / "adapters" / f"step-{STEPS + 1:06d}" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_ddp_with_a_vllm_engine_per_rank(tmp_path):
+    """Each DDP rank runs its own in-process vLLM engine; every engine serves the weights just trained."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e .[cpu] or .[gpu])")
+    ranks = _launch(tmp_path, "ddp", "vllm")
+    for s in range(STEPS):
+        assert ranks[0]["steps"][s]["prompt_ids"] != ranks[1]["steps"][s]["prompt_ids"], s
+        a, b = ranks[0]["steps"][s]["adapter"], ranks[1]["steps"][s]["adapter"]
+        assert all(torch.equal(a[n], b[n]) for n in a), s
+        for (
+            r
+        ) in ranks:  # logged as the mean over ranks; stale weights give 0.1-0.9 (tests/test_vllm_engine.py)
+            assert r["steps"][s]["engine_gap"] < 1e-4, (s, r["steps"][s]["engine_gap"])
+
+
+@pytest.mark.slow
+def test_ddp_resume_continues_every_rank_exactly(tmp_path):
+    """2 steps + `last.ckpt` + 1 resumed step equal 3 straight steps on each rank: each rank gets back its own
+    stream position and sampling RNG, not rank 0's."""
+    straight_dir, split_dir = tmp_path / "straight", tmp_path / "split"
+    straight_dir.mkdir()
+    split_dir.mkdir()
+    straight = _launch(straight_dir, "ddp", "straight")
+    _launch(split_dir, "ddp", "ckpt")
+    resumed = _launch(split_dir, "ddp", "resume")
+    assert straight[0]["steps"][STEPS]["prompt_ids"] != straight[1]["steps"][STEPS]["prompt_ids"]
+    for r in range(2):
+        want, got = straight[r]["steps"][STEPS], resumed[r]["steps"][0]
+        assert got["prompt_ids"] == want["prompt_ids"], r
+        assert got["generations"] == want["generations"], r
+        assert got["loss"] == want["loss"], r
+        for name, w in want["adapter"].items():
+            assert torch.equal(got["adapter"][name], w), (r, name)
 
 
 @pytest.mark.slow
