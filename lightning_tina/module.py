@@ -406,6 +406,10 @@ class GRPOModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _total_optimizer_steps(self) -> int:
+        if self.optim.schedule_steps is not None:
+            if self.optim.schedule_steps < 1:
+                raise ValueError(f"model.optim.schedule_steps={self.optim.schedule_steps} must be at least 1")
+            return self.optim.schedule_steps
         trainer = self._trainer
         if trainer is None:
             return 1

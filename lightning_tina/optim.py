@@ -24,6 +24,9 @@ class OptimSettings:
     """Fraction of all optimizer steps spent in linear warmup from 0."""
     min_lr_ratio: float = 0.1
     """The cosine decays to lr * min_lr_ratio at the last step (HF's cosine_with_min_lr)."""
+    schedule_steps: int | None = None
+    """Length of the warmup-cosine schedule in optimizer steps; None: trainer.max_steps. Tina's recipes schedule
+    over N steps but were stopped at M < N (e.g. open_rs3: 1500 and 850); its configs set both."""
 
 
 def warmup_cosine_factor(step: int, total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> float:

@@ -1,5 +1,6 @@
 """GRPOModule on the shipped tiny model: LoRA-only updates, reference equality at step 0, clear errors."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,17 @@ def test_rewards_are_called_once_per_group(tmp_path):
     )
     _fit(m, tmp_path, steps=1)
     assert sizes == [4, 4]  # 2 prompts x G=4 in one step
+
+
+def test_schedule_steps_sets_the_lr_schedule_apart_from_the_run_length(tmp_path):
+    """Tina's recipes schedule the lr over N steps and stop at M < N: the lr after M steps is not the minimum."""
+    m = _module()
+    m.optim = OptimSettings(lr=1e-2, warmup_ratio=0.0, min_lr_ratio=0.1, schedule_steps=4)
+    trainer = _fit(m, tmp_path, steps=2)
+    lr = trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0]
+    assert lr == pytest.approx(
+        1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))
+    )  # halfway: 0.55 x lr
+    m.optim = OptimSettings(schedule_steps=0)
+    with pytest.raises(ValueError, match="model.optim.schedule_steps=0"):
+        m._total_optimizer_steps()

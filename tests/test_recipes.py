@@ -62,16 +62,22 @@ COMMON: dict[str, Any] = {
 SEVEN = [(n, 1.0) for n in ("accuracy", "format", "tag_count", "length", "reasoning_steps", "cosine")] + [
     ("repetition_penalty", 1.0)
 ]
-RS = {"num_generations": 6, "per_device_train_batch_size": 6, "max_steps": 1500, "save_steps": 50}
-LIMR = {"dataset": "limr", "max_steps": 360, "save_steps": 10}
+RS = {
+    "num_generations": 6,
+    "per_device_train_batch_size": 6,
+    "max_steps": 1500,
+    "stop_at": 850,
+    "save_steps": 50,
+}
+LIMR = {"dataset": "limr", "max_steps": 360, "stop_at": 180, "save_steps": 10}
 TINA: dict[str, dict[str, Any]] = {
-    "still": {"dataset": "still", "rewards": [("length", 1.0), ("accuracy", 2.0)], "max_steps": 7500, "save_steps": 10},
-    "deepscaler": {"dataset": "deepscaler", "max_steps": 11000, "save_steps": 100},
-    "2thought": {"dataset": "2thought", "max_steps": 13320, "save_steps": 100},
-    "fastcurl": {"dataset": "fastcurl", "max_steps": 11000, "save_steps": 100},
-    "l1_exact": {"dataset": "l1_exact", "rewards": [("length_l1_exact", 1.0)], "max_steps": 11000, "save_steps": 100},
-    "l1_max": {"dataset": "l1_max", "rewards": [("length_l1_max", 1.0)], "max_steps": 11000, "save_steps": 100},
-    "open_rs1": {"dataset": "open_rs1", "max_steps": 5000, "save_steps": 100},
+    "still": {"dataset": "still", "rewards": [("length", 1.0), ("accuracy", 2.0)], "max_steps": 7500, "stop_at": 3750, "save_steps": 10},
+    "deepscaler": {"dataset": "deepscaler", "max_steps": 11000, "stop_at": 5500, "save_steps": 100},
+    "2thought": {"dataset": "2thought", "max_steps": 13320, "stop_at": 6660, "save_steps": 100},
+    "fastcurl": {"dataset": "fastcurl", "max_steps": 11000, "stop_at": 5500, "save_steps": 100},
+    "l1_exact": {"dataset": "l1_exact", "rewards": [("length_l1_exact", 1.0)], "max_steps": 11000, "stop_at": 5500, "save_steps": 100},
+    "l1_max": {"dataset": "l1_max", "rewards": [("length_l1_max", 1.0)], "max_steps": 11000, "stop_at": 5500, "save_steps": 100},
+    "open_rs1": {"dataset": "open_rs1", "max_steps": 5000, "stop_at": 2400, "save_steps": 100},
     "open_rs2": {"dataset": "open_rs2", **RS},
     "open_rs3": {"dataset": "open_rs3", "rewards": [("format", 1.0), ("cosine", 2.0)], "cosine_max_len": 3584, **RS},
     "limr": LIMR,
@@ -115,9 +121,12 @@ def expected(name: str) -> dict[str, Any]:
     """Tina's recipe `name` in lightning_tina's terms (docs/recipes.md explains each line), as dotted keys."""
     t = {**COMMON, **TINA[name]}
     g, per_device, world = t["num_generations"], t["per_device_train_batch_size"], t["num_processes"]
-    max_steps = t["max_steps"]
-    if max_steps is None:  # HF Trainer: one epoch = ceil(rows * G / per_device / processes) // accumulation
-        max_steps = math.ceil(APPROX_ROWS[name] * g / per_device / world) // t["gradient_accumulation_steps"]
+    schedule = t[
+        "max_steps"
+    ]  # Tina's max_steps is the lr schedule; its comment "but stop at M steps" the run
+    stop = t.get("stop_at", schedule)
+    if schedule is None:  # HF Trainer: one epoch = ceil(rows * G / per_device / processes) // accumulation
+        stop = math.ceil(APPROX_ROWS[name] * g / per_device / world) // t["gradient_accumulation_steps"]
     drgrpo = t.get("scale_reward") is False  # the recipe's intent; TRL 0.15.2 drops the misspelt key
     max_len = t["vllm_max_model_len"]
     if max_len is not None:  # our engine refuses prompt + completion > max_model_len (Tina's vLLM cut them)
@@ -134,7 +143,7 @@ def expected(name: str) -> dict[str, Any]:
         "trainer.devices": world,
         "trainer.strategy": "ddp",
         "trainer.precision": "bf16-mixed" if t["bf16"] else "32-true",
-        "trainer.max_steps": max_steps,
+        "trainer.max_steps": stop,
         "trainer.callbacks.0.init_args.every_n_steps": t["save_steps"],
         "trainer.callbacks.0.init_args.keep_last": t["save_total_limit"],
         "trainer.callbacks.2.init_args.cost_per_gpu_hour": 1.0,
@@ -159,6 +168,7 @@ def expected(name: str) -> dict[str, Any]:
         "model.optim.warmup_ratio": t["warmup_ratio"],
         "model.optim.min_lr_ratio": t["min_lr_rate"],
         "model.optim.weight_decay": 0.0,
+        "model.optim.schedule_steps": schedule,
         "model.rewards": [
             {"name": n, "weight": w, "kwargs": kwargs.get(n, {}), "scope": "group"} for n, w in t["rewards"]
         ],
