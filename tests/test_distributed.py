@@ -226,7 +226,12 @@ def _worker(out: Path, strategy: str, mode: str = "") -> None:
     ]
     initial = {n: _full(w) for n, w in recorder.initial_adapter.items()}
     torch.save(
-        {"steps": steps, "initial_adapter": initial, "fit_s": time.perf_counter() - t0},
+        {
+            "steps": steps,
+            "initial_adapter": initial,
+            "fit_s": time.perf_counter() - t0,
+            "group_alive": torch.distributed.is_initialized(),  # the engines' shutdown left it to the trainer
+        },
         out / f"{'resumed_' if mode == 'resume' else ''}rank{rank}.pt",
     )
 
@@ -444,10 +449,13 @@ def test_fsdp2_saves_peft_adapters_and_resumes(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_ddp_with_a_vllm_engine_per_rank(tmp_path):
-    """Each DDP rank runs its own in-process vLLM engine; every engine serves the weights just trained."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_vllm_engine_per_rank(tmp_path, strategy):
+    """Each rank runs its own in-process vLLM engine; every engine serves the weights just trained (under FSDP2
+    the sync gathers the sharded weights on every rank)."""
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e .[cpu] or .[gpu])")
-    ranks = _launch(tmp_path, "ddp", "vllm")
+    ranks = _launch(tmp_path, strategy, "vllm")
+    assert all(r["group_alive"] for r in ranks), "vLLM's shutdown destroyed the trainer's process group"
     for s in range(STEPS):
         assert ranks[0]["steps"][s]["prompt_ids"] != ranks[1]["steps"][s]["prompt_ids"], s
         a, b = ranks[0]["steps"][s]["adapter"], ranks[1]["steps"][s]["adapter"]

@@ -516,22 +516,3 @@ def test_bad_settings_and_adapters_are_refused(tiny_model: Path) -> None:
         merged.sync(dora, 0)
     assert merged._llm is None
     assert ".[cpu]" in VLLM_INSTALL_HINT and ".[gpu]" in VLLM_INSTALL_HINT
-
-
-def test_sync_refuses_an_fsdp2_sharded_policy(tiny_model: Path, tmp_path: Path) -> None:
-    """vLLM cannot read DTensor shards yet: a clear error names the working alternatives (no engine starts)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, distribute_tensor
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        sharded = torch.nn.Linear(4, 4)
-        mesh = init_device_mesh("cpu", (1,))
-        sharded.weight = torch.nn.Parameter(distribute_tensor(sharded.weight.detach(), mesh, [Replicate()]))
-        with pytest.raises(NotImplementedError, match="rollout.engine hf with FSDP2"):
-            _engine(tiny_model).sync(sharded, 1)
-    finally:
-        dist.destroy_process_group()

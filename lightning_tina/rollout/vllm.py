@@ -14,9 +14,10 @@ Greedy decoding (T = 0) returns log_softmax(logits).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -163,6 +164,7 @@ class VLLMEngine(RolloutEngine):
         self.version: int | None = None
         """The policy version passed to the last `sync` (None before the first)."""
         self._llm: Any = None
+        self._trainer_group = False  # whether torch.distributed was initialized (by the trainer) before vLLM
         self._lora_enabled = self.weight_sync == "lora"
         transport = cfg.sync_mode
         if transport == "auto":
@@ -179,13 +181,7 @@ class VLLMEngine(RolloutEngine):
         weights when it is not a PEFT model, for the next `generate`; later optimizer steps do not change what
         was snapshotted."""
         from peft import PeftModel
-        from torch.distributed.tensor import DTensor
 
-        if any(isinstance(p, DTensor) for p in policy.parameters()):
-            raise NotImplementedError(
-                "rollout.engine vllm cannot read an FSDP2-sharded policy yet (ModelParallelStrategy); use "
-                "rollout.engine hf with FSDP2, or trainer.strategy ddp with vLLM (see docs/distributed.md)"
-            )
         if not isinstance(policy, PeftModel) and self._llm is None:
             self._lora_enabled = False  # full fine-tuning: no LoRA machinery (it slows generation)
         self._weights.snapshot(policy)
@@ -261,7 +257,8 @@ class VLLMEngine(RolloutEngine):
     def close(self) -> None:
         """Shut the engine down and delete the adapter files."""
         if self._llm is not None:
-            self._llm.llm_engine.engine_core.shutdown()
+            with _keep_default_process_group(self._trainer_group):
+                self._llm.llm_engine.engine_core.shutdown()
             self._llm = None
         self._weights.close()
 
@@ -283,6 +280,8 @@ class VLLMEngine(RolloutEngine):
             # An in-process start reseeds the global RNGs and (on CPU) replaces torch.set_num_threads with a no-op;
             # undo both so the trainer's randomness and threads are what they would be without vLLM.
             rng, set_num_threads = _rng_state(), torch.set_num_threads
+            # a process group that exists now is the trainer's (DDP/FSDP), which vLLM's shutdown must not destroy
+            self._trainer_group = torch.distributed.is_available() and torch.distributed.is_initialized()
             try:
                 self._llm = LLM(**self.engine_kwargs())
             finally:
@@ -345,6 +344,28 @@ class VLLMEngine(RolloutEngine):
         if self._llm is None or not self._lora_enabled:
             return set()
         return set(self._llm.llm_engine.list_loras())
+
+
+@contextlib.contextmanager
+def _keep_default_process_group(keep: bool) -> Iterator[None]:
+    """vLLM's in-process shutdown calls torch.distributed.destroy_process_group(), which would also destroy the
+    default group of a DDP/FSDP trainer (anything after fit, e.g. gathering FSDP2 shards, then fails). While `keep`,
+    only vLLM's own groups (passed explicitly) are destroyed."""
+    dist = torch.distributed
+    if not keep:
+        yield
+        return
+    original = dist.destroy_process_group
+
+    def destroy(group: Any = None) -> None:
+        if group is not None:
+            original(group)
+
+    dist.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = original
 
 
 def _rng_state() -> tuple[Any, ...]:
