@@ -104,6 +104,12 @@ class RolloutCallback(L.Callback):
         self._perf["perf/rollout_tokens_per_s"] = tokens / max(dt, 1e-9)
         return make_rollouts(batch, gens, self.num_generations, pl_module.tokenizer)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1 and self._restored_rng is None:
+            # seed_everything gives every rank the same seed: without this, ranks would draw the same random numbers
+            # for sampling (a resumed run restores each rank's own state instead)
+            torch.manual_seed(torch.initial_seed() + trainer.global_rank)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._restored_rng is not None:
             # Restored here, not at load time: Lightning draws from the RNG when it builds the data iterator.

@@ -362,8 +362,8 @@ def _assert_matches_single_process(ranks: list[dict[str, Any]], single: _Recorde
         # the averaged gradient is the 1-process gradient (summation order aside) ...
         grads = single.steps[s]["grad"]
         scale = max(g.abs().max().item() for g in grads.values())
-        for name, g in grads.items():
-            torch.testing.assert_close(ranks[0]["steps"][s]["grad"][name], g, rtol=1e-4, atol=1e-5 * scale)
+        for name, g in grads.items():  # float32 sums in another order: measured up to 1.2e-5 x scale
+            torch.testing.assert_close(ranks[0]["steps"][s]["grad"][name], g, rtol=1e-4, atol=1e-4 * scale)
         # ... and so are the weights after the update. Adam divides each gradient by its own RMS (plus eps 1e-8),
         # so a 1e-8 rounding difference of a near-zero gradient moves a weight by up to ~lr / 100 (measured with
         # sharded prompts); unsynchronized gradients would move weights by ~lr. Allow lr / 10.
