@@ -110,11 +110,21 @@ def run_lightning_tina(args: argparse.Namespace) -> dict[str, Any]:
         callbacks=[rollout, Clock()],
     )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=_identity))
-    w = args.warmup
+    return _record(ends, cpu_ends, phases, lengths, args.warmup)
+
+
+def _record(
+    ends: list[float],
+    cpu_ends: list[float],
+    phases: dict[str, list[float]],
+    lengths: list[float],
+    warmup: int,
+) -> dict[str, Any]:
+    """One run's step times (wall and CPU) after `warmup` steps, phase medians and completion lengths."""
     return {
-        "step_s": _step_times(ends, w),
-        "cpu_step_s": _step_times(cpu_ends, w),
-        "phases": {k: common.spread(v[w:])["median"] for k, v in phases.items()},
+        "step_s": _step_times(ends, warmup),
+        "cpu_step_s": _step_times(cpu_ends, warmup),
+        "phases": {k: common.spread(v[warmup:])["median"] for k, v in phases.items()},
         "completion_length": sorted(set(lengths)),
     }
 
@@ -216,13 +226,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         callbacks=[Clock()],
     )
     trainer.train()
-    w = args.warmup
-    return {
-        "step_s": _step_times(ends, w),
-        "cpu_step_s": _step_times(cpu_ends, w),
-        "phases": {k: common.spread(v[w:])["median"] for k, v in phases.items()},
-        "completion_length": sorted(set(lengths)),
-    }
+    return _record(ends, cpu_ends, phases, lengths, args.warmup)
 
 
 def run_trl_training_part(args: argparse.Namespace) -> dict[str, Any]:
