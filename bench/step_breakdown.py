@@ -52,6 +52,7 @@ def build_module(model: str, args: argparse.Namespace) -> Any:
         optim=OptimSettings(lr=1e-6, warmup_ratio=0.0),
         rewards=[RewardSpec("accuracy", 1.0), RewardSpec("format", 1.0)],
         dtype=args.dtype,
+        attn_implementation=args.attn,
     )
     module.configure_model()
     module.policy.to(args.device)
@@ -279,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--attn", default=None, help="model.attn_implementation (default: lightning_tina's on CPU)"
+    )
     p.add_argument(
         "--rollout-dtype", default=None, choices=["float32", "bfloat16"], help="vLLM: rollout dtype"
     )

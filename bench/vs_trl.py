@@ -87,7 +87,11 @@ def _summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def orchestrate(args: argparse.Namespace) -> None:
     """Alternate runs of every (tool, engine) per size; print medians, spreads and ratios."""
-    runs = [("trl", "hf")] + [("lt", e) for e in args.lt_engines]
+    runs = (
+        [("trl", "hf")]
+        + ([("trl", "hf-eager")] if args.trl_eager else [])
+        + [("lt", e) for e in args.lt_engines]
+    )
     common_flags = _flags(
         steps=args.steps,
         warmup=args.warmup,
@@ -262,6 +266,9 @@ def main(argv: list[str] | None = None) -> None:
         choices=LT_ENGINES,
         help="lightning_tina engines to run (TRL always uses generate): vllm serves merged weights in the "
         "trainer's dtype, vllm-bf16 in bfloat16, vllm-lora the LoRA adapter",
+    )
+    p.add_argument(
+        "--trl-eager", action="store_true", help="also run TRL with eager attention (its default is SDPA)"
     )
     p.add_argument(
         "--rounds", type=int, default=2, help="runs per tool/engine/size, order rotated each round"

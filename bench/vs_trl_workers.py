@@ -209,7 +209,9 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         dataloader_num_workers=0,
     )
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    # engine "hf-eager": TRL with transformers' eager attention instead of its default (SDPA), for reference
+    attn = {"attn_implementation": "eager"} if args.engine == "hf-eager" else {}
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **attn)
     trainer = TimedGRPOTrainer(
         model=model,
         reward_funcs=[common.trl_accuracy, common.trl_format],

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 
 from lightning_tina import grpo
+from lightning_tina.attention import CPU_ATTENTION, register_cpu_attention
 from lightning_tina.grpo import GRPOSettings
 from lightning_tina.logprobs import completion_logprobs
 from lightning_tina.optim import OptimSettings, build_optimizer
@@ -60,7 +61,8 @@ class GRPOModule(L.LightningModule):
         optim: AdamW and its warmup-cosine schedule.
         rewards: reward functions by name or import path, with weights and parameters.
         dtype: weights' dtype: float32, bfloat16 or float16.
-        attn_implementation: passed to from_pretrained (e.g. "sdpa", "flash_attention_2"); None = library default.
+        attn_implementation: passed to from_pretrained (e.g. "sdpa", "flash_attention_2"); None = the library's
+            default with CUDA, lightning_tina's size-adaptive CPU attention without (lightning_tina/attention.py).
         eval: sampling for validate/test.
     """
 
@@ -125,7 +127,12 @@ class GRPOModule(L.LightningModule):
         """Load the base model and wrap it (called by the Trainer; idempotent)."""
         if self.policy is not None:
             return
-        base = load_causal_lm(self.model_name, self.dtype_name, self.attn_implementation)
+        attn = self.attn_implementation
+        if attn is None and not torch.cuda.is_available():
+            attn = CPU_ATTENTION  # faster than SDPA for short CPU sequences (lightning_tina/attention.py)
+        if attn == CPU_ATTENTION:
+            register_cpu_attention()
+        base = load_causal_lm(self.model_name, self.dtype_name, attn)
         if self.grpo.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.config.use_cache = False
