@@ -47,12 +47,9 @@ class ResumeCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         tmp = f"{filepath}.tmp"
-        if trainer.is_global_zero:
-            _remove(tmp)  # a folder left by a crashed sharded save would mix old and new shards
-        trainer.strategy.barrier()
         trainer.save_checkpoint(tmp, self.save_weights_only)
         if trainer.is_global_zero:
-            _replace(tmp, filepath)
+            os.replace(tmp, filepath)  # atomic on POSIX: readers see the old file or the new one, never half
         trainer.strategy.barrier()
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
@@ -65,12 +62,8 @@ class ResumeCheckpoint(ModelCheckpoint):
         # `last.ckpt` as a real file (a symlink would dangle once top-k pruning deletes its target)
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
             tmp = f"{linkpath}.tmp"
-            _remove(tmp)
-            if os.path.isdir(filepath):  # a sharded checkpoint (FSDP2)
-                shutil.copytree(filepath, tmp)
-            else:
-                shutil.copyfile(filepath, tmp)
-            _replace(tmp, linkpath)
+            shutil.copyfile(filepath, tmp)
+            os.replace(tmp, linkpath)
         trainer.strategy.barrier()
 
     # ---- pre-emption ---------------------------------------------------------------------------------------------
@@ -101,24 +94,3 @@ class ResumeCheckpoint(ModelCheckpoint):
         if self._previous_sigint is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.exists(path):
-        os.remove(path)
-
-
-def _replace(tmp: str, final: str) -> None:
-    """Move a finished checkpoint into place: atomic for a file; for a sharded folder the old one is moved aside
-    first, so a crash leaves the old or the new checkpoint complete (under `final` or `final.old`)."""
-    if not os.path.isdir(tmp):
-        os.replace(tmp, final)  # atomic on POSIX: readers see the old file or the new one, never half
-        return
-    old = f"{final}.old"
-    _remove(old)
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _remove(old)

@@ -44,13 +44,6 @@ class TinaCLI(LightningCLI):
         path = self.config[subcommand].get("ckpt_path")
         if not path or path in ("last", "best", "hpc", "registry"):
             return
-        if Path(path).is_dir():  # a sharded (FSDP2 distributed) checkpoint is a folder
-            if not (Path(path) / ".metadata").is_file():
-                raise ValueError(
-                    f"--ckpt_path {path} is a folder without .metadata: not a complete sharded checkpoint; "
-                    "resume from an earlier checkpoint"
-                )
-            return
         if not Path(path).is_file():
             raise FileNotFoundError(
                 f"--ckpt_path {path}: no such file; give a .ckpt written by ResumeCheckpoint"

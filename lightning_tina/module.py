@@ -27,6 +27,7 @@ from lightning_tina.policy import (
     load_tokenizer,
     reference_mode,
     shard_fsdp2,
+    whole,
     wrap_lora,
 )
 from lightning_tina.rewards import RewardSet, RewardSpec
@@ -289,7 +290,7 @@ class GRPOModule(L.LightningModule):
         params = [p for p in self.policy.parameters() if p.grad is not None]
         max_norm = g.max_grad_norm if g.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()  # before clipping
-        grad_norm = _full(grad_norm).cpu()  # FSDP2: a DTensor (Lightning cannot all-reduce it)
+        grad_norm = whole(grad_norm).cpu()  # FSDP2: a DTensor (Lightning cannot all-reduce it)
         if torch.isfinite(grad_norm) and math.isfinite(sums["loss"]):
             opt.step()
             sched.step()
@@ -458,11 +459,6 @@ class GRPOModule(L.LightningModule):
         per_problem = correct.view(-1, s.k).mean(1)  # [B]
         self.log(f"{stage}/pass@1", per_problem.mean(), batch_size=len(batch.rows), prog_bar=True)
         self.log(f"{stage}/pass@{s.k}", (per_problem > 0).float().mean(), batch_size=len(batch.rows))
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor behind an FSDP2 DTensor (a collective when sharded), or `t` itself."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -154,20 +154,28 @@ def shard_fsdp2(policy: nn.Module, mesh, reference: nn.Module | None = None) -> 
         fully_shard(model, mesh=dp_mesh)
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """True when FSDP2 shards `model` (some of its parameters are DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2 shard, or `t` itself. A collective for a DTensor: every rank must call it
+    for the same tensors in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def full_trainable_state(policy: nn.Module) -> dict[str, torch.Tensor] | None:
     """Whole copies of the trainable (adapter) weights when FSDP2 shards them, else None.
 
     A collective under FSDP2: every rank must call it, in the same order. The result is what
     `save_pretrained(state_dict=...)` needs, since PEFT cannot save DTensor shards.
     """
-    from torch.distributed.tensor import DTensor
-
-    params = dict(policy.named_parameters())
-    if not any(isinstance(p, DTensor) for p in params.values()):
+    if not is_sharded(policy):
         return None
-    trainable = {n for n, p in params.items() if p.requires_grad}
-    return {
-        name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
-        for name, t in policy.state_dict().items()
-        if name in trainable
-    }
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    return {name: whole(t).detach().cpu() for name, t in policy.state_dict().items() if name in trainable}

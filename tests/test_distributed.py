@@ -197,6 +197,7 @@ def _worker(out: Path, strategy: str, mode: str = "") -> None:
     resumed_rank<r>.pt); "straight": the STEPS + 1 steps without a break; "vllm": a vLLM engine per rank.
     """
     from lightning_tina.__main__ import cli_main
+    from lightning_tina.policy import whole  # gathers FSDP2 shards (every rank, same order)
 
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -221,10 +222,10 @@ def _worker(out: Path, strategy: str, mode: str = "") -> None:
     ckpt = str(out / "ckpt" / "last.ckpt") if mode == "resume" else None
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     steps = [
-        {**step, **{k: {n: _full(w) for n, w in step[k].items()} for k in ("adapter", "grad")}}
+        {**step, **{k: {n: whole(w) for n, w in step[k].items()} for k in ("adapter", "grad")}}
         for step in recorder.steps
     ]
-    initial = {n: _full(w) for n, w in recorder.initial_adapter.items()}
+    initial = {n: whole(w) for n, w in recorder.initial_adapter.items()}
     torch.save(
         {
             "steps": steps,
@@ -234,11 +235,6 @@ def _worker(out: Path, strategy: str, mode: str = "") -> None:
         },
         out / f"{'resumed_' if mode == 'resume' else ''}rank{rank}.pt",
     )
-
-
-def _full(w: torch.Tensor) -> torch.Tensor:
-    """A whole tensor from an FSDP2 shard (a collective: every rank calls it in the same order)."""
-    return w.full_tensor() if hasattr(w, "full_tensor") else w
 
 
 class _ReplayEngine:

@@ -33,6 +33,14 @@ class SamplingConfig:
     seed: int | None = None
     """Seed for this generation call; None draws from the global (checkpointed) RNG."""
 
+    def check(self) -> None:
+        """Refuse lengths no engine can honour (every engine calls this before generating)."""
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"sampling.min_new_tokens={self.min_new_tokens} must be between 0 and max_new_tokens "
+                f"({self.max_new_tokens})."
+            )
+
 
 class RolloutEngine(ABC):
     """Samples completions from the *current* policy.

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lightning_tina.policy import is_sharded
 from lightning_tina.rollout.base import RolloutEngine, SamplingConfig
 from lightning_tina.types import Generation
 
@@ -29,11 +30,7 @@ class HFEngine(RolloutEngine):
     def generate(
         self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig
     ) -> list[Generation]:
-        if not 0 <= sampling.min_new_tokens <= sampling.max_new_tokens:
-            raise ValueError(
-                f"sampling.min_new_tokens={sampling.min_new_tokens} must be between 0 and max_new_tokens "
-                f"({sampling.max_new_tokens})."
-            )
+        sampling.check()
         out: list[Generation] = []
         for start in range(0, len(prompt_ids), self.max_batch_prompts):
             out.extend(self._generate_batch(prompt_ids[start : start + self.max_batch_prompts], n, sampling))
@@ -104,10 +101,6 @@ def needs_synced_gpus(model: torch.nn.Module) -> bool:
     with a collective, so a rank whose sequences stop early must keep running forward passes, or the other ranks
     wait for it forever. transformers does this by itself only for models it sharded itself.
     """
-    from torch.distributed.tensor import DTensor
-
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return False
-    if torch.distributed.get_world_size() < 2:
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return torch.distributed.get_world_size() > 1 and is_sharded(model)

@@ -193,11 +193,7 @@ class VLLMEngine(RolloutEngine):
         """Sample `n` completions per prompt from the last synced weights; group-major output."""
         if n < 1:
             raise ValueError(f"generate: n={n}; the number of generations per prompt must be at least 1.")
-        if not 0 <= sampling.min_new_tokens <= sampling.max_new_tokens:
-            raise ValueError(
-                f"sampling.min_new_tokens={sampling.min_new_tokens} must be between 0 and max_new_tokens "
-                f"({sampling.max_new_tokens})."
-            )
+        sampling.check()
         if not prompt_ids:
             return []
         llm = self._engine()

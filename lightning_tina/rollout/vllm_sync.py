@@ -30,6 +30,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_tina.policy import (
+    whole,  # FSDP2 shards: every rank's engine syncs at the same point of the step
+)
 from lightning_tina.rollout.vllm_worker import add_lora_from_tensors
 
 WeightSyncMethod = Literal["lora", "merged"]
@@ -82,7 +85,7 @@ class WeightSync:
         self.drop_pending()
         if not isinstance(policy, PeftModel):
             # [name -> tensor] copies on CPU so the trainer's next step cannot change them before generate
-            weights = [(k, _whole(v).detach().to("cpu", copy=True)) for k, v in policy.state_dict().items()]
+            weights = [(k, whole(v).detach().to("cpu", copy=True)) for k, v in policy.state_dict().items()]
             self._pending = ("weights", weights)
             return
         name = _active_adapter(policy)
@@ -149,7 +152,7 @@ class WeightSync:
         from peft import get_peft_model_state_dict
 
         # {"base_model.model.<module>.lora_A.weight": [r, in], ...lora_B.weight: [out, r]}
-        state = {k: _whole(v) for k, v in get_peft_model_state_dict(policy, adapter_name=name).items()}
+        state = {k: whole(v) for k, v in get_peft_model_state_dict(policy, adapter_name=name).items()}
         if self.transport == "tensors":
             return "tensors", ({k: v.detach().to("cpu", copy=True) for k, v in state.items()}, cfg.to_dict())
         from safetensors.torch import save_file
@@ -192,28 +195,20 @@ def merged_lora_weights(policy: Any, adapter: str, dtype: torch.dtype) -> list[t
                         f"a {type(child).__name__}; use weight_sync='lora' or target linear layers only."
                     )
                 layer = child.get_base_layer()
-                weight = _whole(layer.weight).detach().float()  # [out, in]
+                weight = whole(layer.weight).detach().float()  # [out, in]
                 if adapter in child.lora_A and adapter not in child.merged_adapters:
-                    a = _whole(child.lora_A[adapter].weight).detach().float()  # [r, in]
-                    b = _whole(child.lora_B[adapter].weight).detach().float()  # [out, r]
+                    a = whole(child.lora_A[adapter].weight).detach().float()  # [r, in]
+                    b = whole(child.lora_B[adapter].weight).detach().float()  # [out, r]
                     delta = child.scaling[adapter] * (b @ a)  # [out, in]
                     weight = weight + (delta.T if child.fan_in_fan_out else delta)
             elif isinstance(child, torch.nn.Linear):
-                layer, weight = child, _whole(child.weight).detach()
+                layer, weight = child, whole(child.weight).detach()
             else:
                 continue
             out.append((f"{full}.weight", weight.to("cpu", dtype, copy=True)))
             if layer.bias is not None:
-                out.append((f"{full}.bias", _whole(layer.bias).detach().to("cpu", dtype, copy=True)))
+                out.append((f"{full}.bias", whole(layer.bias).detach().to("cpu", dtype, copy=True)))
     return out
-
-
-def _whole(t: Tensor) -> Tensor:
-    """The whole tensor behind an FSDP2 shard (a collective: every rank's engine syncs at the same point, and the
-    module traversal order is the same on every rank), or `t` itself."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 class _DropPartialReloadNotices(logging.Filter):
