@@ -249,44 +249,44 @@ class GRPOModule(L.LightningModule):
         slices = self._micro_batches(rollouts)
         for i, sl in enumerate(slices):
             m = mask[sl]  # [n', C]
-            # DDP all-reduces gradients in backward: only once per step, in the last micro-batch's backward
+            logps, entropy = self.sequence_logprobs(
+                self.policy, rollouts.input_ids[sl], rollouts.attention_mask[sl], c
+            )  # [n', C] each
+            old = old_logps[sl] if old_logps is not None else logps.detach()  # [n', C]
+            per_token, clip_low, clip_high = grpo.clipped_surrogate(
+                logps, old, advantages[sl], g.epsilon_low, g.epsilon_high
+            )  # [n', C]
+            if rollouts.engine_logprobs is not None:
+                diff = (logps.detach() - rollouts.engine_logprobs[sl]).abs() * m  # [n', C]
+                sums["mismatch"] += float(diff.sum())
+                mismatch_max = torch.maximum(mismatch_max, diff.max().cpu())
+                if g.tis_cap is not None:
+                    w = grpo.truncated_importance_weights(logps, rollouts.engine_logprobs[sl], g.tis_cap)
+                    per_token = per_token * w
+                    sums["tis"] += float((w * m).sum())
+            kl = torch.zeros_like(logps)  # [n', C]
+            if ref_logps is not None:
+                kl = grpo.k3_kl(logps, ref_logps[sl])
+                per_token = per_token + g.beta * kl
+            loss = grpo.aggregate_loss(
+                per_token,
+                m,
+                g.loss_type,
+                num_sequences=n,
+                num_tokens=num_tokens,
+                max_completion_length=self.rollout.sampling.max_new_tokens if self.rollout else c,
+            )
+            # DDP all-reduces gradients in backward: only in the last micro-batch's backward of the step
             no_sync = i < len(slices) - 1 and self.trainer.world_size > 1
             with self.trainer.strategy.block_backward_sync() if no_sync else contextlib.nullcontext():
-                logps, entropy = self.sequence_logprobs(
-                    self.policy, rollouts.input_ids[sl], rollouts.attention_mask[sl], c
-                )  # [n', C] each
-                old = old_logps[sl] if old_logps is not None else logps.detach()  # [n', C]
-                per_token, clip_low, clip_high = grpo.clipped_surrogate(
-                    logps, old, advantages[sl], g.epsilon_low, g.epsilon_high
-                )  # [n', C]
-                if rollouts.engine_logprobs is not None:
-                    diff = (logps.detach() - rollouts.engine_logprobs[sl]).abs() * m  # [n', C]
-                    sums["mismatch"] += float(diff.sum())
-                    mismatch_max = torch.maximum(mismatch_max, diff.max().cpu())
-                    if g.tis_cap is not None:
-                        w = grpo.truncated_importance_weights(logps, rollouts.engine_logprobs[sl], g.tis_cap)
-                        per_token = per_token * w
-                        sums["tis"] += float((w * m).sum())
-                kl = torch.zeros_like(logps)  # [n', C]
-                if ref_logps is not None:
-                    kl = grpo.k3_kl(logps, ref_logps[sl])
-                    per_token = per_token + g.beta * kl
-                loss = grpo.aggregate_loss(
-                    per_token,
-                    m,
-                    g.loss_type,
-                    num_sequences=n,
-                    num_tokens=num_tokens,
-                    max_completion_length=self.rollout.sampling.max_new_tokens if self.rollout else c,
-                )
                 self.manual_backward(loss)
-                mf = m.float()
-                sums["loss"] += float(loss.detach())
-                sums["kl"] += float((kl.detach() * mf).sum())
-                sums["clip_low"] += float((clip_low.float() * mf).sum())
-                sums["clip_high"] += float((clip_high.float() * mf).sum())
-                sums["ratio"] += float((torch.exp(logps.detach() - old) * mf).sum())
-                sums["entropy"] += float((entropy * mf).sum())
+            mf = m.float()
+            sums["loss"] += float(loss.detach())
+            sums["kl"] += float((kl.detach() * mf).sum())
+            sums["clip_low"] += float((clip_low.float() * mf).sum())
+            sums["clip_high"] += float((clip_high.float() * mf).sum())
+            sums["ratio"] += float((torch.exp(logps.detach() - old) * mf).sum())
+            sums["entropy"] += float((entropy * mf).sum())
         params = [p for p in self.policy.parameters() if p.grad is not None]
         max_norm = g.max_grad_norm if g.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()  # before clipping
