@@ -12,7 +12,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 AdvantageScale = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
@@ -55,9 +54,8 @@ class GRPOSettings:
     tis_cap: float | None = None
     """Truncated importance sampling cap for engine/trainer mismatch (e.g. 2.0); None keeps Tina's semantics."""
     logprob_chunk_tokens: int = 1024
-    """Tokens whose float32 logits are materialised at once when computing log-probs. Peak memory is about five
-    [chunk, V] float32 tensors (bench/logprob_memory.py: 1024 keeps batch 8 x 4,096 tokens over Qwen's 151,936
-    vocabulary at 18% of the full logits tensor)."""
+    """Tokens whose float32 logits are materialised at once when computing log-probs. Peak memory is about two
+    [chunk, V] float32 tensors (forward and backward; see grpo.token_logprobs and bench/logprob_memory.py)."""
     gradient_checkpointing: bool = False
     """Recompute transformer activations in backward to save memory."""
     share_prompt: bool = True
@@ -98,21 +96,72 @@ def group_advantages(
     return torch.where(denom > 0, centered / denom.clamp(min=torch.finfo(centered.dtype).tiny), 0.0)
 
 
-def _chunk_logprobs(
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of `targets` and entropy for one chunk of hidden states; logits exist only inside this call."""
-    logits = F.linear(hidden, weight, bias).float() / temperature  # [n, c, V]
-    logz = torch.logsumexp(logits, dim=-1)  # [n, c]
-    token_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [n, c]
-    with torch.no_grad():
-        probs = torch.softmax(logits, dim=-1)  # [n, c, V]
-        entropy = logz - (probs * logits).sum(-1)  # [n, c]
-    return token_logits - logz, entropy
+def _chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
+    """Logits / T of one chunk in float32 (float64 stays): [n, c, V]. The matmul runs in the autocast dtype, if any."""
+    logits = F.linear(hidden, weight, bias)  # [n, c, V]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+class _ChunkLogprobs(torch.autograd.Function):
+    """log softmax(h W^T + b)[y] / T and the entropy of one chunk, with a hand-written backward.
+
+    Saves only the chunk's hidden states and log-partition (not the [n, c, V] logits): the backward recomputes the
+    logits and turns them into their gradient in place, so one float32 [n, c, V] tensor is alive in the backward
+    (autograd through log_softmax + gather keeps about five). The entropy is an output without gradient.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,  # [n, c, H]
+        targets: torch.Tensor,  # [n, c]
+        weight: torch.Tensor,  # [V, H]
+        bias: torch.Tensor | None,  # [V]
+        temperature: float,
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        device = hidden.device.type
+        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        logp = _chunk_logits(hidden, weight, bias, temperature)  # [n, c, V], log-probs after the next line
+        logz = torch.logsumexp(logp, dim=-1)  # [n, c]
+        logp.sub_(logz.unsqueeze(-1))
+        token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [n, c]
+        entropy = None
+        if with_entropy:
+            entropy = -logp.exp().mul_(logp).sum(-1)  # [n, c]
+            ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(hidden, targets, weight, bias, logz)
+        ctx.temperature = temperature
+        return token_logp, entropy
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_logp: torch.Tensor, _grad_entropy: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, None, torch.Tensor | None, torch.Tensor | None, None, None]:
+        hidden, targets, weight, bias, logz = ctx.saved_tensors
+        enabled, dtype = ctx.autocast
+        with torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
+            # d logp_y / d logits = onehot(y) - softmax; times the incoming gradient and 1/T
+            grad = _chunk_logits(hidden, weight, bias, ctx.temperature)  # [n, c, V]
+            g = grad_logp.to(grad.dtype) / ctx.temperature  # [n, c]
+            grad.sub_(logz.unsqueeze(-1)).exp_().mul_(-g.unsqueeze(-1))  # -g * softmax
+            grad.scatter_add_(-1, targets.unsqueeze(-1), g.unsqueeze(-1))  # + g at the target
+            if not enabled:  # as autograd would: the gradient reaches the matmul in its output dtype
+                grad = grad.to(torch.promote_types(hidden.dtype, weight.dtype))
+            grad_hidden = grad_weight = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                grad_hidden = F.linear(grad, weight.T).to(hidden.dtype)  # [n, c, H]
+            if ctx.needs_input_grad[2]:
+                flat = grad.reshape(-1, grad.shape[-1])  # [n*c, V]
+                grad_weight = (flat.T @ hidden.reshape(-1, hidden.shape[-1]).to(flat.dtype)).to(
+                    weight.dtype
+                )  # [V, H]
+            if bias is not None and ctx.needs_input_grad[3]:
+                grad_bias = grad.sum((0, 1)).to(bias.dtype)  # [V]
+        return grad_hidden, None, grad_weight, grad_bias, None, None
 
 
 def token_logprobs(
@@ -122,36 +171,33 @@ def token_logprobs(
     head_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs log softmax(h W^T + b)[y] / T of `targets`, and per-token entropies, in chunks.
 
     `hidden` [N, C, H] are the final hidden states that predict `targets` [N, C]. The float32 logits of at most
-    `chunk_tokens` tokens ([chunk, V]) exist at any moment, in the forward pass and, through activation checkpointing,
-    in the backward pass too, instead of the full [N, C, V] tensor (Qwen's V = 151,936 and Tina's C = 3,584 would
-    need 2.2 GB per sequence). Entropy, -sum p log p, is returned detached (it is only logged).
-    Returns (logprobs [N, C] with grad, entropy [N, C] without).
+    `chunk_tokens` tokens ([chunk, V]) exist at any moment, in the forward pass and in the backward pass (which
+    recomputes them, see `_ChunkLogprobs`), instead of the full [N, C, V] tensor (Qwen's V = 151,936 and Tina's
+    C = 3,584 would need 2.2 GB per sequence). Entropy, -sum p log p, is returned detached (it is only logged);
+    `with_entropy=False` skips it (one pass over the logits less) and returns None in its place.
+    Returns (logprobs [N, C] with grad, entropy [N, C] without, or None).
     """
     n, c, _ = hidden.shape
     rows_per_chunk = max(1, chunk_tokens // max(c, 1))  # whole rows when they fit, else pieces of one row
     cols_per_chunk = min(c, chunk_tokens)
     logps, ents = [], []
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)
     for r0 in range(0, n, rows_per_chunk):
         row_lp, row_ent = [], []
         for c0 in range(0, c, cols_per_chunk):
             h = hidden[r0 : r0 + rows_per_chunk, c0 : c0 + cols_per_chunk]  # [n', c', H]
             y = targets[r0 : r0 + rows_per_chunk, c0 : c0 + cols_per_chunk]  # [n', c']
-            if needs_grad:
-                lp, ent = checkpoint(
-                    _chunk_logprobs, h, y, head_weight, head_bias, temperature, use_reentrant=False
-                )
-            else:
-                lp, ent = _chunk_logprobs(h, y, head_weight, head_bias, temperature)
+            lp, ent = _ChunkLogprobs.apply(h, y, head_weight, head_bias, temperature, with_entropy)
             row_lp.append(lp)
             row_ent.append(ent)
         logps.append(torch.cat(row_lp, dim=1))
-        ents.append(torch.cat(row_ent, dim=1))
-    return torch.cat(logps, dim=0), torch.cat(ents, dim=0).detach()  # [N, C], [N, C]
+        if with_entropy:
+            ents.append(torch.cat(row_ent, dim=1))
+    return torch.cat(logps, dim=0), torch.cat(ents, dim=0) if with_entropy else None  # [N, C], [N, C]
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

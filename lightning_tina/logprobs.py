@@ -37,8 +37,10 @@ def completion_logprobs(
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
     share_prompt: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs and entropies of the last `completion_len` tokens of each row: ([n, C], [n, C]).
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs and entropies of the last `completion_len` tokens of each row: ([n, C], [n, C] or None when
+    `with_entropy` is off).
 
     `input_ids`/`attention_mask` [n, P+C] hold a left-padded prompt and a right-padded completion, group-major
     (rows i*G .. i*G+G-1 share prompt i). The prompt is computed once per group when `share_prompt` is set,
@@ -51,7 +53,9 @@ def completion_logprobs(
     else:
         hidden = _full_hidden(model, backbone, input_ids, attention_mask, completion_len)  # [n, C, H]
     targets = input_ids[:, -completion_len:]  # [n, C]
-    return grpo.token_logprobs(hidden, targets, head.weight, head.bias, temperature, chunk_tokens)
+    return grpo.token_logprobs(
+        hidden, targets, head.weight, head.bias, temperature, chunk_tokens, with_entropy
+    )
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:

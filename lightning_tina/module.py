@@ -163,8 +163,10 @@ class GRPOModule(L.LightningModule):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         completion_len: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs and entropies of the last `completion_len` tokens of each sequence: ([n, C], [n, C])."""
+        with_entropy: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs and entropies of the last `completion_len` tokens of each sequence: ([n, C], [n, C] or None
+        without `with_entropy`)."""
         g = self.grpo
         return completion_logprobs(
             model,
@@ -175,6 +177,7 @@ class GRPOModule(L.LightningModule):
             temperature=g.temperature,
             chunk_tokens=g.logprob_chunk_tokens,
             share_prompt=g.share_prompt,
+            with_entropy=with_entropy,
         )
 
     @torch.no_grad()
@@ -190,9 +193,9 @@ class GRPOModule(L.LightningModule):
                 ids, am = rollouts.input_ids[sl], rollouts.attention_mask[sl]
                 if reference:
                     with reference_mode(policy, self.reference) as ref:
-                        out.append(self.sequence_logprobs(ref, ids, am, c)[0])
+                        out.append(self.sequence_logprobs(ref, ids, am, c, with_entropy=False)[0])
                 else:
-                    out.append(self.sequence_logprobs(policy, ids, am, c)[0])
+                    out.append(self.sequence_logprobs(policy, ids, am, c, with_entropy=False)[0])
         finally:
             policy.train(was_training)
         return torch.cat(out)  # [N, C]
@@ -252,6 +255,7 @@ class GRPOModule(L.LightningModule):
             logps, entropy = self.sequence_logprobs(
                 self.policy, rollouts.input_ids[sl], rollouts.attention_mask[sl], c
             )  # [n', C] each
+            assert entropy is not None  # with_entropy is on by default
             old = old_logps[sl] if old_logps is not None else logps.detach()  # [n', C]
             per_token, clip_low, clip_high = grpo.clipped_surrogate(
                 logps, old, advantages[sl], g.epsilon_low, g.epsilon_high

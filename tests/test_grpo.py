@@ -125,6 +125,55 @@ def test_token_logprobs_chunked_equals_full_forward_and_backward():
         assert torch.allclose(ent, -(p * p.log()).sum(-1), atol=1e-5)
 
 
+def _autograd_logprobs(hidden, targets, weight, bias, temperature):
+    """The plain autograd version over the full [N, C, V] logits, as token_logprobs' reference."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature  # [N, C, V]
+    logp = torch.log_softmax(logits, -1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def test_token_logprobs_hand_written_backward_matches_autograd_with_bias_and_trainable_head():
+    torch.manual_seed(1)
+    hidden = torch.randn(4, 6, 16, dtype=torch.float64, requires_grad=True)  # [N, C, H]
+    weight = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)  # [V, H]
+    bias = torch.randn(23, dtype=torch.float64, requires_grad=True)  # [V]
+    targets = torch.randint(0, 23, (4, 6))  # [N, C]
+    upstream = torch.randn(4, 6, dtype=torch.float64)  # [N, C]: a loss that weighs tokens differently
+    ref_lp, ref_ent = _autograd_logprobs(hidden, targets, weight, bias, 1.3)
+    ref_grads = torch.autograd.grad((ref_lp * upstream).sum(), (hidden, weight, bias))
+    for chunk in (5, 6, 12, 1000):
+        lp, ent = grpo.token_logprobs(hidden, targets, weight, bias, temperature=1.3, chunk_tokens=chunk)
+        assert not ent.requires_grad
+        torch.testing.assert_close(lp, ref_lp.float(), check_dtype=False, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(ent, ref_ent.float(), check_dtype=False, atol=1e-5, rtol=1e-5)
+        grads = torch.autograd.grad((lp * upstream).sum(), (hidden, weight, bias))
+        for got, want, name in zip(grads, ref_grads, ("hidden", "weight", "bias"), strict=True):
+            assert got.dtype == want.dtype, name
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
+    lp_only, none = grpo.token_logprobs(
+        hidden, targets, weight, bias, 1.3, chunk_tokens=1000, with_entropy=False
+    )
+    assert none is None and torch.equal(lp_only, lp)
+
+
+def test_token_logprobs_under_bf16_autocast_matches_autograd_and_frozen_head_gets_no_grad():
+    torch.manual_seed(2)
+    hidden = torch.randn(
+        2, 9, 32, requires_grad=True
+    )  # [N, C, H] float32, as with float32 weights + autocast
+    weight = torch.randn(50, 32) / 32**0.5  # [V, H], frozen as under LoRA
+    targets = torch.randint(0, 50, (2, 9))  # [N, C]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_lp, _ = _autograd_logprobs(hidden, targets, weight, None, 1.0)
+        (ref_g,) = torch.autograd.grad(ref_lp.sum(), hidden)
+        lp, _ = grpo.token_logprobs(hidden, targets, weight, None, chunk_tokens=4)
+    (g,) = torch.autograd.grad(lp.sum(), hidden)  # the backward runs outside autocast, as Lightning's does
+    assert g.dtype == torch.float32 and weight.grad is None
+    torch.testing.assert_close(lp, ref_lp, atol=1e-6, rtol=0)  # the same bf16 matmul, then float32
+    torch.testing.assert_close(g, ref_g, atol=2e-2, rtol=2e-2)  # both backward matmuls run in bf16
+    assert (g - ref_g).abs().max() < 0.02 * ref_g.abs().max()
+
+
 def test_truncated_importance_weights_cap():
     w = grpo.truncated_importance_weights(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0]), cap=2.0)
     assert torch.allclose(w, torch.tensor([1.0, 2.0]))

@@ -1,5 +1,6 @@
 """Rollout engines: the colocated vLLM engine's output layout, EOS, and proof that it samples from the policy just
-synced (adapter served as a LoRA or merged into the weights); min_new_tokens and synced_gpus for both engines.
+synced (adapter served as a LoRA or merged into the weights). The HF engine's tests are in test_hf_engine.py; the
+`tiny_model` and `tiny_prompts` fixtures in conftest.py.
 
 Freshness (issue 5.3): after every optimizer step and `sync`, vLLM's log-prob of each sampled token must match the
 policy's own log_softmax(logits / T), recomputed with the PEFT model in eval mode. Tolerance (fp32 on both sides):
@@ -40,77 +41,8 @@ MEAN_TOL = 1e-4
 MAX_TOL = 1e-3
 TEMPERATURE = 0.7
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TINY_DIR = Path(__file__).resolve().parents[1] / "data" / "tiny"
 
 requires_vllm = pytest.mark.skipif(not vllm_available(), reason=VLLM_INSTALL_HINT)
-
-
-def _build_random_qwen2(out: Path) -> None:
-    """A random Qwen2 (hidden 64, 2 layers, head_dim 32) with a small byte-level BPE tokenizer (288 tokens).
-
-    EOS is made more likely (measured: 2.4% per token at T = 0.7, against 0.35% for a uniform pick) so that most
-    64-token completions stop: embedding channel 0 is a constant 0.3 for every token, which after the final
-    RMSNorm is a positive feature, and the EOS row of the output head reads it.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(["What is 12 + 34? The answer is 46. Think step by step."] * 8, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.save_pretrained(out)
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        intermediate_size=128,
-        vocab_size=len(fast),
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
-        initializer_range=0.05,
-    )
-    model = Qwen2ForCausalLM(cfg)
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] = 0.3  # [V] constant channel
-        model.lm_head.weight[fast.eos_token_id, 0] = 0.7  # EOS logit about +3.3 on every position
-    model.save_pretrained(out)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped tiny model when data/tiny has one, else a random Qwen2 built in a temp folder."""
-    if (TINY_DIR / "config.json").is_file() and (TINY_DIR / "tokenizer.json").is_file():
-        return TINY_DIR
-    out = tmp_path_factory.mktemp("tiny-qwen2")
-    _build_random_qwen2(out)
-    return out
-
-
-def _prompts(path: Path) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    texts = ["What is 12 + 34?", "What is 7 * 8?", "What is 90 - 45?"]
-    if tok.chat_template:  # the shipped tiny model was trained on chat-formatted prompts
-        texts = [
-            tok.apply_chat_template(
-                [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
-            )
-            for t in texts
-        ]
-    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 def _engine(path: Path, **config: object) -> VLLMEngine:
@@ -167,11 +99,11 @@ def _gap(
     ids=["files", "tensors", "tensors-vllm-lora-ops", "merged"],
 )
 def test_freshness_with_and_without_sync(
-    tiny_model: Path, weight_sync: str, sync_mode: str, fast_path: bool
+    tiny_model: Path, tiny_prompts: list[list[int]], weight_sync: str, sync_mode: str, fast_path: bool
 ) -> None:
     """fast_path=False checks vLLM's own CPU LoRA ops; True checks our single-adapter matmul (vllm_worker.py);
     "merged" serves the adapter merged into full weights by an engine without LoRA."""
-    prompts, n = _prompts(tiny_model), 4
+    prompts, n = tiny_prompts, 4
     sampling = SamplingConfig(max_new_tokens=12, temperature=TEMPERATURE)
     policy = _policy(tiny_model)
     opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=5e-3)
@@ -219,11 +151,11 @@ def test_freshness_with_and_without_sync(
 
 @pytest.mark.vllm
 @requires_vllm
-def test_generate_layout_eos_and_logprobs(tiny_model: Path) -> None:
+def test_generate_layout_eos_and_logprobs(tiny_model: Path, tiny_prompts: list[list[int]]) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    eos, prompts, n = tok.eos_token_id, _prompts(tiny_model), 4
+    eos, prompts, n = tok.eos_token_id, tiny_prompts, 4
     # long enough to reach EOS (configs/tiny.yaml samples at most 96 tokens)
     long = SamplingConfig(max_new_tokens=128, temperature=TEMPERATURE, seed=7)
     short = SamplingConfig(max_new_tokens=3, temperature=TEMPERATURE, seed=7)  # short enough to be cut
@@ -289,10 +221,10 @@ def test_generate_layout_eos_and_logprobs(tiny_model: Path) -> None:
 
 @pytest.mark.vllm
 @requires_vllm
-def test_full_weight_sync_without_peft(tiny_model: Path) -> None:
+def test_full_weight_sync_without_peft(tiny_model: Path, tiny_prompts: list[list[int]]) -> None:
     from transformers import AutoModelForCausalLM
 
-    prompts, n = _prompts(tiny_model), 2
+    prompts, n = tiny_prompts, 2
     sampling = SamplingConfig(max_new_tokens=8, temperature=TEMPERATURE, seed=3)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     engine = _engine(tiny_model)
@@ -350,9 +282,9 @@ def test_weight_reload_resets_the_prefix_cache(tiny_model: Path, monkeypatch: py
 
 @pytest.mark.vllm
 @requires_vllm
-def test_bfloat16_rollouts_for_a_float32_trainer(tiny_model: Path) -> None:
+def test_bfloat16_rollouts_for_a_float32_trainer(tiny_model: Path, tiny_prompts: list[list[int]]) -> None:
     """VLLMConfig.dtype overrides the trainer's dtype; the log-prob gap is then bf16 rounding, not a stale model."""
-    prompts, n = _prompts(tiny_model), 4
+    prompts, n = tiny_prompts, 4
     sampling = SamplingConfig(max_new_tokens=12, temperature=TEMPERATURE, seed=5)
     policy = _policy(tiny_model)
     with torch.no_grad():
@@ -406,73 +338,6 @@ def test_merged_weights_match_peft_merge_and_leave_the_policy_alone(tiny_model: 
     names = {k.rsplit(".", 2)[-2] for k, _ in merged_lora_weights(q_only, "default", torch.bfloat16)}
     assert names == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert all(v.dtype == torch.bfloat16 for _, v in merged_lora_weights(q_only, "default", torch.bfloat16))
-
-
-def test_hf_engine_min_new_tokens(tiny_model: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lightning_tina.rollout.hf import HFEngine
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    engine, prompts, n = HFEngine(model, tok), _prompts(tiny_model), 4
-    free = engine.generate(prompts, n, SamplingConfig(max_new_tokens=96, temperature=TEMPERATURE, seed=3))
-    stopped = [len(g.token_ids) for g in free if g.finish_reason == "stop"]
-    assert stopped, "no completion reached EOS: the check below would prove nothing"
-    m = min(stopped) + 1  # at least one completion stopped before m tokens
-    forced = engine.generate(
-        prompts, n, SamplingConfig(max_new_tokens=96, temperature=TEMPERATURE, seed=3, min_new_tokens=m)
-    )
-    assert all(len(g.token_ids) >= m and tok.eos_token_id not in g.token_ids[:m] for g in forced)
-    with pytest.raises(ValueError, match="min_new_tokens"):
-        engine.generate(prompts, n, SamplingConfig(max_new_tokens=4, min_new_tokens=5))
-
-
-def test_hf_engine_syncs_ranks_for_fsdp2_models(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """synced_gpus=True exactly when parameters are DTensors and the process group has more than one rank; and
-    HFEngine passes the decision to generate."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, distribute_tensor
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lightning_tina.rollout import hf
-    from lightning_tina.rollout.hf import HFEngine, needs_synced_gpus
-
-    plain = torch.nn.Linear(4, 4)
-    assert not needs_synced_gpus(plain)  # no process group
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        sharded = torch.nn.Linear(4, 4)
-        mesh = init_device_mesh("cpu", (1,))
-        sharded.weight = torch.nn.Parameter(distribute_tensor(sharded.weight.detach(), mesh, [Replicate()]))
-        assert not needs_synced_gpus(sharded)  # one rank: nothing to wait for
-        monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
-        assert needs_synced_gpus(sharded) and not needs_synced_gpus(plain)
-    finally:
-        dist.destroy_process_group()
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    seen: list[object] = []
-    real_generate = model.generate
-
-    def spy(*args: object, **kwargs: object) -> object:
-        seen.append(kwargs.pop("synced_gpus", None))  # recorded, not used: this process has no process group
-        return real_generate(*args, **kwargs)
-
-    monkeypatch.setattr(model, "generate", spy)
-    engine = HFEngine(model, AutoTokenizer.from_pretrained(tiny_model))
-    monkeypatch.setattr(hf, "needs_synced_gpus", lambda m: True)
-    engine.generate(_prompts(tiny_model)[:1], 1, SamplingConfig(max_new_tokens=2))
-    monkeypatch.setattr(hf, "needs_synced_gpus", lambda m: False)
-    engine.generate(_prompts(tiny_model)[:1], 1, SamplingConfig(max_new_tokens=2))
-    assert seen == [True, None]  # None: transformers' own choice
 
 
 def test_bad_settings_and_adapters_are_refused(tiny_model: Path) -> None:
