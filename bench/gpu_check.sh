@@ -5,6 +5,7 @@
 #
 #     bash bench/gpu_check.sh          # logs and JSON lines under $OUT (default /tmp/gpu_check)
 #
+# 0. pytest -m gpu (tests/test_gpu.py): the CUDA code paths, including a whole fit through the CLI.
 # 1. vs_trl.py --gpu: training tokens/s and CUDA peak of lightning_tina against TRL's compute_loss, 1.5B shape,
 #    bf16, gradient checkpointing, 512 + 3,584 tokens (common.GPU_SETTINGS), alternating runs.
 # 2. logprob_memory.py --gpu: the chunked log-softmax at Qwen's vocabulary, 8 x 4,096 tokens, chunk 1024 and 4096.
@@ -30,8 +31,9 @@ run() {  # name, seconds, script and its options: the log goes to $OUT/name.log,
     echo "== $name: python3 $* (at most $limit s)"
     timeout "$limit" python3 "$@" >"$OUT/$name.log" 2>&1
     echo "   exit $?"
-    grep -E '^JSON |ratio|tokens/s|peak' "$OUT/$name.log" | tail -n 12
+    grep -E '^JSON |ratio|tokens/s|peak|passed|failed|Error' "$OUT/$name.log" | tail -n 12
 }
-run vs_trl 300 bench/vs_trl.py --gpu
-run logprob_memory 100 bench/logprob_memory.py --gpu --chunk-tokens 1024 4096
-run step_breakdown 120 bench/step_breakdown.py --gpu --synthetic
+run gpu_tests 100 -m pytest -m gpu tests/test_gpu.py -q -rs
+run vs_trl 270 bench/vs_trl.py --gpu
+run logprob_memory 80 bench/logprob_memory.py --gpu --chunk-tokens 1024 4096
+run step_breakdown 90 bench/step_breakdown.py --gpu --synthetic
