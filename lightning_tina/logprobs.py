@@ -91,10 +91,12 @@ def _run(model: nn.Module, backbone: nn.Module, **kwargs: Any) -> tuple[torch.Te
 def _full_hidden(
     model: nn.Module, backbone: nn.Module, ids: torch.Tensor, mask: torch.Tensor, c: int
 ) -> torch.Tensor:
+    # The last token predicts nothing: leave it out of the pass (causal attention: nothing before it changes).
+    ids, mask = ids[:, :-1], mask[:, :-1]  # [n, P+C-1]
     hidden, _ = _run(
         model, backbone, input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False
-    )  # [n, P+C, H]
-    return hidden[:, -c - 1 : -1]  # [n, C, H]: the states that predict the completion
+    )  # [n, P+C-1, H]
+    return hidden[:, -c:]  # [n, C, H]: the states that predict the completion
 
 
 def _shared_prompt_hidden(
@@ -115,18 +117,20 @@ def _shared_prompt_hidden(
     )  # [b, P, H]
     if cache is None:
         raise RuntimeError(f"{type(model).__name__} returned no KV cache; set model.grpo.share_prompt false")
+    last_prompt = prompt_hidden[:, -1:].repeat_interleave(g, dim=0)  # [n, 1, H]: predicts completion token 0
+    if c == 1:
+        return last_prompt
     cache.batch_repeat_interleave(g)  # every layer's keys/values [b, ...] -> [b*G, ...], differentiably
     completion_hidden, _ = _run(
         model,
         backbone,
-        input_ids=ids[:, p:],  # [n, C]
-        attention_mask=mask,  # [n, P+C]: cached prompt positions + the completion
-        position_ids=positions[:, p:],
+        input_ids=ids[:, p:-1],  # [n, C-1]: the last token predicts nothing
+        attention_mask=mask[:, :-1],  # [n, P+C-1]: cached prompt positions + the completion
+        position_ids=positions[:, p:-1],
         past_key_values=cache,
         use_cache=True,
-    )  # [n, C, H]
-    last_prompt = prompt_hidden[:, -1:].repeat_interleave(g, dim=0)  # [n, 1, H]: predicts completion token 0
-    return torch.cat([last_prompt, completion_hidden[:, :-1]], dim=1)  # [n, C, H]
+    )  # [n, C-1, H]
+    return torch.cat([last_prompt, completion_hidden], dim=1)  # [n, C, H]
 
 
 def _can_share(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, c: int, g: int) -> bool:

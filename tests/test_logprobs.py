@@ -60,6 +60,34 @@ def test_shared_prompt_equals_full_sequences_in_values_and_gradients(policy, mon
     assert any(g.abs().max() > 0 for n, g in grads.items() if "layers.0." in n)  # reached the first layer
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_logprobs_equal_the_models_own_logits(policy, share):
+    """Against an oracle that shares no code with logprobs.py: the causal LM's full logits, log-softmaxed."""
+    ids, mask = _batch()
+    with torch.no_grad():
+        lp, ent = completion_logprobs(policy, ids, mask, C, G, temperature=0.7, share_prompt=share)  # [N, C]
+        logits = policy(input_ids=ids, attention_mask=mask, position_ids=logprobs._positions(mask)).logits
+        logp = torch.log_softmax(
+            logits[:, P - 1 : -1].float() / 0.7, -1
+        )  # [N, C, V]: position t predicts t + 1
+        want = logp.gather(-1, ids[:, P:].unsqueeze(-1)).squeeze(-1)  # [N, C]
+    m = mask[:, P:].bool()
+    torch.testing.assert_close(lp[m], want[m], rtol=0, atol=5e-5)
+    torch.testing.assert_close(ent[m], -(logp.exp() * logp).sum(-1)[m], rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("c", [1, 2])
+def test_the_shortest_completions(policy, c):
+    ids, mask = _batch()
+    ids, mask = ids[:, : P + c], mask[:, : P + c].clone()
+    mask[:, P:] = 1
+    with torch.no_grad():
+        shared, _ = completion_logprobs(policy, ids, mask, c, G, share_prompt=True)
+        full, _ = completion_logprobs(policy, ids, mask, c, G, share_prompt=False)
+    assert shared.shape == full.shape == (ids.shape[0], c)
+    torch.testing.assert_close(shared, full, rtol=0, atol=5e-5)
+
+
 @pytest.mark.parametrize(
     "case",
     ["groups_differ", "misaligned_rows", "group_of_one"],
