@@ -48,6 +48,7 @@ def build_module(model: str, args: argparse.Namespace) -> Any:
             loss_type="grpo",
             gradient_checkpointing=args.gradient_checkpointing,
             share_prompt=not args.no_share_prompt,
+            trim_padding=not args.no_trim_padding,
         ),
         optim=OptimSettings(lr=1e-6, warmup_ratio=0.0),
         rewards=[RewardSpec("accuracy", 1.0), RewardSpec("format", 1.0)],
@@ -79,7 +80,8 @@ def prompt_batches(module: Any, args: argparse.Namespace, n_steps: int) -> list[
 
 
 def synthetic_rollouts(module: Any, args: argparse.Namespace, step: int) -> Any:
-    """Rollouts of random tokens with exactly --prompt-tokens + --tokens per row (no generation, no text)."""
+    """Rollouts of random tokens: --prompt-tokens + --tokens per row, or with --length-spread completions of random
+    lengths right-padded to --tokens (no generation, no text)."""
     import torch
 
     from lightning_tina.types import Rollouts
@@ -88,12 +90,18 @@ def synthetic_rollouts(module: Any, args: argparse.Namespace, step: int) -> Any:
     prompt, completion = common.synthetic_sequences(
         args.prompts, args.generations, args.prompt_tokens or 32, args.tokens, vocab, args.seed + step
     )  # [N, P], [N, C]
+    n, c = completion.shape
+    shortest = max(1, round((1 - args.length_spread) * c))
+    lengths = torch.randint(
+        shortest, c + 1, (n,), generator=torch.Generator().manual_seed(args.seed + step)
+    )  # [N]
+    completion_mask = (torch.arange(c) < lengths[:, None]).long()  # [N, C]
+    completion = completion * completion_mask  # padding: id 0
     ids = torch.cat([prompt, completion], 1).to(args.device)  # [N, P+C]
-    n = ids.shape[0]
     return Rollouts(
         input_ids=ids,
-        attention_mask=torch.ones_like(ids),  # [N, P+C]
-        completion_mask=torch.ones_like(completion, device=args.device),  # [N, C]
+        attention_mask=torch.cat([torch.ones_like(prompt), completion_mask], 1).to(args.device),  # [N, P+C]
+        completion_mask=completion_mask.to(args.device),  # [N, C]
         completions=[""] * n,
         rows=[{"problem": "", "solution": "$0$"}] * n,
         truncated=torch.ones(n, dtype=torch.bool),
@@ -296,12 +304,24 @@ def main(argv: list[str] | None = None) -> None:
         help="run every completion with its prompt (G prompt passes)",
     )
     p.add_argument(
+        "--no-trim-padding",
+        action="store_true",
+        help="run every micro-batch at the step's longest completion (model.grpo.trim_padding false)",
+    )
+    p.add_argument(
         "--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (weights stay)"
     )
     p.add_argument(
         "--synthetic",
         action="store_true",
         help="training part only: random prompt + completion tokens, no engine, no reward",
+    )
+    p.add_argument(
+        "--length-spread",
+        type=float,
+        default=0.0,
+        help="--synthetic: completion lengths drawn uniformly from [(1 - F) * tokens, tokens] per sequence "
+        "(0: all exactly --tokens), the rest right padding",
     )
     p.add_argument("--steps", type=int, default=3, help="measured steps")
     p.add_argument("--warmup", type=int, default=1)

@@ -99,6 +99,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         threads=args.threads,
         seed=args.seed,
         precision=args.precision,
+        dtype=args.dtype,
     )
     summary: dict[str, dict[str, Any]] = {}
     rows, ratios = [], {}
@@ -285,6 +286,12 @@ def main(argv: list[str] | None = None) -> None:
         help="bf16: bf16 autocast in training (TRL bf16=True, Lightning bf16-mixed); weights and "
         "rollout engines stay as --dtype",
     )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the frozen base weights of both tools (Tina loads bfloat16; LoRA weights stay float32)",
+    )
     p.add_argument("--tiny-dir", default=None, help="the tiny model (default data/tiny, else /tmp/tiny_exp1)")
     p.add_argument(
         "--workdir",
@@ -307,7 +314,6 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--micro-batch", type=int, default=0, help="sequences per forward/backward (0: all)")
     t.add_argument("--lora-r", type=int, default=LORA_R)
     t.add_argument("--lora-alpha", type=int, default=LORA_ALPHA)
-    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     t.add_argument("--gradient-checkpointing", action="store_true")
     args = p.parse_args(argv)
     if args.gpu and not args.worker:

@@ -66,6 +66,7 @@ def run_lightning_tina(args: argparse.Namespace) -> dict[str, Any]:
         ),
         optim=OptimSettings(lr=LR, warmup_ratio=0.0),
         rewards=[RewardSpec("accuracy", 1.0), RewardSpec("format", 1.0)],
+        dtype=args.dtype,
     )
     module.configure_model()
     engine, _, variant = args.engine.partition("-")  # LT_ENGINES: "vllm-bf16" = vLLM with bf16 rollouts, ...
@@ -211,7 +212,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     )
     # engine "hf-eager": TRL with transformers' eager attention instead of its default (SDPA), for reference
     attn = {"attn_implementation": "eager"} if args.engine == "hf-eager" else {}
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **attn)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, **attn)
     trainer = TimedGRPOTrainer(
         model=model,
         reward_funcs=[common.trl_accuracy, common.trl_format],

@@ -1,6 +1,6 @@
 """Per-token log-probs of sampled completions under a causal LM (the policy, its reference, the old policy).
 
-Two things shape this file:
+Three things shape this file:
 
 - **The model is always called through its root module** (the PEFT wrapper or the causal LM), never through the
   decoder backbone alone: under FSDP2 only the root's forward gathers the sharded parameters (embedding and head
@@ -15,6 +15,10 @@ Two things shape this file:
   the full-sequence path: LoRA dropout draws one mask for the shared prompt instead of G, and layers with gradient
   checkpointing drop the KV cache in training mode, so with checkpointing on, the path falls back to full
   sequences for passes that need gradients.
+- **A batch runs at its own length** (`trim_padding=True`): rollouts are padded to the longest prompt and the
+  longest completion of the whole step, but a micro-batch (one group, in Tina's recipes) drops the columns that
+  none of its rows uses. Exact: those columns are masked in every row. With reasoning completions of very
+  different lengths this is most of the padding.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_tina import grpo
@@ -38,24 +43,55 @@ def completion_logprobs(
     chunk_tokens: int = 1024,
     share_prompt: bool = True,
     with_entropy: bool = True,
+    trim_padding: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs and entropies of the last `completion_len` tokens of each row: ([n, C], [n, C] or None when
     `with_entropy` is off).
+
+    With `trim_padding` the pass runs only over the columns some row of this batch uses (see
+    `trim_unused_columns`): a micro-batch of short completions costs its own length, not the longest completion of
+    the step. Columns cut off get log-prob 0 and entropy 0.
 
     `input_ids`/`attention_mask` [n, P+C] hold a left-padded prompt and a right-padded completion, group-major
     (rows i*G .. i*G+G-1 share prompt i). The prompt is computed once per group when `share_prompt` is set,
     `group_size` > 1 divides n, the rows of each group really share their prompt, and the pass can use a KV
     cache; otherwise every row runs as one full sequence.
     """
+    ids, mask, c = input_ids, attention_mask, completion_len
+    if trim_padding:
+        ids, mask, c = trim_unused_columns(ids, mask, c)  # [n, P'+C'], C' <= C
     backbone, head = backbone_and_head(model)
-    if share_prompt and _can_share(model, input_ids, attention_mask, completion_len, group_size):
-        hidden = _shared_prompt_hidden(model, backbone, input_ids, attention_mask, completion_len, group_size)
+    if share_prompt and _can_share(model, ids, mask, c, group_size):
+        hidden = _shared_prompt_hidden(model, backbone, ids, mask, c, group_size)  # [n, C', H]
     else:
-        hidden = _full_hidden(model, backbone, input_ids, attention_mask, completion_len)  # [n, C, H]
-    targets = input_ids[:, -completion_len:]  # [n, C]
-    return grpo.token_logprobs(
+        hidden = _full_hidden(model, backbone, ids, mask, c)  # [n, C', H]
+    targets = ids[:, -c:]  # [n, C']
+    logps, entropy = grpo.token_logprobs(
         hidden, targets, head.weight, head.bias, temperature, chunk_tokens, with_entropy
-    )
+    )  # [n, C'] each
+    if c < completion_len:  # columns that no row uses: log-prob and entropy 0 (masked out downstream)
+        logps = F.pad(logps, (0, completion_len - c))  # [n, C]
+        entropy = F.pad(entropy, (0, completion_len - c)) if entropy is not None else None
+    return logps, entropy
+
+
+def trim_unused_columns(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Drop the columns that no row attends to: leading prompt padding and trailing completion padding.
+
+    Returns the narrowed ids and mask [n, P'+C'] and C' (at least 1; one prompt column is always kept). Removing
+    columns whose mask is 0 in every row changes no position id (they count real tokens only) and no attention
+    input, so the log-probs of the kept completion columns are the same.
+    """
+    p = input_ids.shape[1] - completion_len
+    used = attention_mask.bool().any(0)  # [P+C]: columns that some row attends to
+    prompt_used, completion_used = used[:p].nonzero(), used[p:].nonzero()  # [k, 1] indices each
+    first = int(prompt_used.min()) if prompt_used.numel() else max(p - 1, 0)
+    c = int(completion_used.max()) + 1 if completion_used.numel() else 1
+    if first == 0 and c == completion_len:
+        return input_ids, attention_mask, completion_len
+    return input_ids[:, first : p + c], attention_mask[:, first : p + c], c
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:

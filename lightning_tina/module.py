@@ -178,6 +178,7 @@ class GRPOModule(L.LightningModule):
             chunk_tokens=g.logprob_chunk_tokens,
             share_prompt=g.share_prompt,
             with_entropy=with_entropy,
+            trim_padding=g.trim_padding,
         )
 
     @torch.no_grad()

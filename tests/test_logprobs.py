@@ -126,3 +126,59 @@ def test_gradient_checkpointing_in_training_uses_full_sequences(monkeypatch):
     with torch.no_grad():  # the reference / old-policy passes keep sharing
         completion_logprobs(model.eval(), ids, mask, C, G)
     assert calls == [1]
+
+
+def test_trim_unused_columns_drops_padding_that_every_row_has():
+    ids = torch.arange(2 * 9).view(2, 9)  # [2, P=4 + C=5]
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 0, 0]])
+    t_ids, t_mask, c = logprobs.trim_unused_columns(ids, mask, 5)
+    assert c == 3  # the longest completion: 3 tokens
+    torch.testing.assert_close(t_ids, ids[:, 1:7])  # one leading column (padding in both rows) dropped
+    torch.testing.assert_close(t_mask, mask[:, 1:7])
+    full = torch.ones_like(mask)
+    assert logprobs.trim_unused_columns(ids, full, 5)[2] == 5  # nothing to drop: the same tensors back
+    assert logprobs.trim_unused_columns(ids, full, 5)[0] is ids
+    empty = mask.clone()
+    empty[:, 4:] = 0  # no completion tokens at all: one column is kept
+    assert logprobs.trim_unused_columns(ids, empty, 5)[2] == 1
+    no_prompt = full.clone()
+    no_prompt[:, :4] = 0  # all-padding prompt columns: the last prompt column is kept
+    assert logprobs.trim_unused_columns(ids, no_prompt, 5)[0].shape == (2, 6)
+
+
+def _short_group() -> tuple[torch.Tensor, torch.Tensor]:
+    """One group (a Tina micro-batch) padded to the step's lengths: every row has 3 prompt-padding columns and a
+    completion at least 5 tokens shorter than C."""
+    ids, mask = _batch()
+    ids, mask = ids[:G].clone(), mask[:G].clone()  # group 0: 5 padding columns on the left
+    for row, length in enumerate([4, C - 5, 9, 1]):
+        ids[row, P + length :], mask[row, P + length :] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_trimmed_pass_equals_the_padded_pass_in_values_and_gradients(policy, monkeypatch, share):
+    widths = []
+    full_hidden = logprobs._full_hidden
+    monkeypatch.setattr(
+        logprobs,
+        "_full_hidden",
+        lambda m, b, ids, *a: widths.append(ids.shape[1]) or full_hidden(m, b, ids, *a),
+    )
+    ids, mask = _short_group()
+    out = {}
+    for trim in (False, True):
+        policy.zero_grad()
+        lp, ent = completion_logprobs(policy, ids, mask, C, G, 0.7, share_prompt=share, trim_padding=trim)
+        assert lp.shape == ent.shape == (G, C)
+        (lp * mask[:, P:]).sum().backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        out[trim] = (lp.detach(), ent.detach(), grads)
+    m = mask[:, P:].bool()
+    torch.testing.assert_close(out[True][0][m], out[False][0][m], rtol=0, atol=5e-5)
+    torch.testing.assert_close(out[True][1][m], out[False][1][m], rtol=0, atol=5e-5)
+    assert (out[True][0][:, C - 5 :] == 0).all() and (out[True][1][:, C - 5 :] == 0).all()  # cut-off columns
+    for name, g in out[False][2].items():
+        torch.testing.assert_close(out[True][2][name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item())
+    if not share:  # the padded pass got P + C columns, the trimmed one (P - 5) + (C - 5)
+        assert widths == [P + C, P + C - 10]

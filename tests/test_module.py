@@ -188,3 +188,19 @@ def test_schedule_steps_sets_the_lr_schedule_apart_from_the_run_length(tmp_path)
     m.optim = OptimSettings(schedule_steps=0)
     with pytest.raises(ValueError, match="model.optim.schedule_steps=0"):
         m._total_optimizer_steps()
+
+
+@pytest.mark.parametrize("trim", [True, False])
+def test_reference_and_policy_passes_follow_trim_padding(monkeypatch, trim):
+    import lightning_tina.module as module_file
+
+    seen: list[bool] = []
+    real = module_file.completion_logprobs
+    monkeypatch.setattr(
+        module_file, "completion_logprobs", lambda *a, **k: seen.append(k["trim_padding"]) or real(*a, **k)
+    )
+    m = _module(trim_padding=trim)
+    r = _rollouts(m)
+    m._frozen_logprobs(r, reference=True)
+    m.sequence_logprobs(m.policy, r.input_ids, r.attention_mask, r.completion_mask.shape[1])
+    assert seen and set(seen) == {trim}
