@@ -9,7 +9,8 @@
 # 1. vs_trl.py --gpu: training tokens/s and CUDA peak of lightning_tina against TRL's compute_loss, 1.5B shape,
 #    bf16, gradient checkpointing, 512 + 3,584 tokens (common.GPU_SETTINGS), alternating runs.
 # 2. logprob_memory.py --gpu: the chunked log-softmax at Qwen's vocabulary, 8 x 4,096 tokens, chunk 1024 and 4096.
-# 3. step_breakdown.py --gpu --synthetic: the training step split into reference, forward, backward, optimizer.
+# 3. step_breakdown.py --gpu --synthetic --length-spread 0.75, with and without --no-trim-padding: what running each
+#    micro-batch at its own longest completion saves at Tina's shape (completions of 896-3,584 tokens).
 # No vLLM: its CUDA wheel is far above what a call may carry, so generation is not measured here.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
@@ -36,4 +37,5 @@ run() {  # name, seconds, script and its options: the log goes to $OUT/name.log,
 run gpu_tests 100 -m pytest -m gpu tests/test_gpu.py -q -rs
 run vs_trl 270 bench/vs_trl.py --gpu
 run logprob_memory 80 bench/logprob_memory.py --gpu --chunk-tokens 1024 4096
-run step_breakdown 90 bench/step_breakdown.py --gpu --synthetic
+run step_trimmed 50 bench/step_breakdown.py --gpu --synthetic --length-spread 0.75 --steps 2
+run step_padded 50 bench/step_breakdown.py --gpu --synthetic --length-spread 0.75 --steps 2 --no-trim-padding
