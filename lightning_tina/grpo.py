@@ -63,8 +63,9 @@ class GRPOSettings:
     log-probs and gradients up to rounding; see lightning_tina/logprobs.py). Needs micro_batch_size to be a
     multiple of num_generations; the policy pass falls back to full sequences under gradient_checkpointing."""
     trim_padding: bool = True
-    """Run each micro-batch of the reference and policy passes over its own longest prompt and completion instead
-    of the step's (exact: the dropped columns are padding in every row). Off only to measure what it saves."""
+    """Run each micro-batch of the reference and policy passes over its own longest prompt and completion (rounded
+    up to 64 columns) instead of the step's (exact: the dropped columns are padding in every row). Off only to
+    measure what it saves."""
 
 
 def group_advantages(

@@ -17,8 +17,8 @@ Three things shape this file:
   sequences for passes that need gradients.
 - **A batch runs at its own length** (`trim_padding=True`): rollouts are padded to the longest prompt and the
   longest completion of the whole step, but a micro-batch (one group, in Tina's recipes) drops the columns that
-  none of its rows uses. Exact: those columns are masked in every row. With reasoning completions of very
-  different lengths this is most of the padding.
+  none of its rows uses, keeping widths in multiples of `TRIM_MULTIPLE` columns. Exact: those columns are masked
+  in every row. With reasoning completions of very different lengths this is most of the padding.
 """
 
 from __future__ import annotations
@@ -75,20 +75,30 @@ def completion_logprobs(
     return logps, entropy
 
 
+TRIM_MULTIPLE = 64
+"""Kept prompt and completion widths are rounded up to a multiple of this many columns, so that a run meets a
+bounded set of tensor shapes: in bf16 on CPU, oneDNN builds (and caches) kernels per matmul shape, and exact widths
+made the tiny model's training passes 30% slower than no trimming at all (bench/README.md)."""
+
+
 def trim_unused_columns(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int, multiple: int = TRIM_MULTIPLE
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Drop the columns that no row attends to: leading prompt padding and trailing completion padding.
 
-    Returns the narrowed ids and mask [n, P'+C'] and C' (at least 1; one prompt column is always kept). Removing
+    Returns the narrowed ids and mask [n, P'+C'] and C'. P' and C' are the used widths rounded up to a multiple
+    of `multiple` (at most P and C); at least one prompt column and one completion column are kept. Removing
     columns whose mask is 0 in every row changes no position id (they count real tokens only) and no attention
     input, so the log-probs of the kept completion columns are the same.
     """
     p = input_ids.shape[1] - completion_len
     used = attention_mask.bool().any(0)  # [P+C]: columns that some row attends to
     prompt_used, completion_used = used[:p].nonzero(), used[p:].nonzero()  # [k, 1] indices each
-    first = int(prompt_used.min()) if prompt_used.numel() else max(p - 1, 0)
+    prompt_width = p - int(prompt_used.min()) if prompt_used.numel() else min(p, 1)
     c = int(completion_used.max()) + 1 if completion_used.numel() else 1
+    prompt_width = min(p, -(-prompt_width // multiple) * multiple)
+    c = min(completion_len, -(-c // multiple) * multiple)
+    first = p - prompt_width
     if first == 0 and c == completion_len:
         return input_ids, attention_mask, completion_len
     return input_ids[:, first : p + c], attention_mask[:, first : p + c], c

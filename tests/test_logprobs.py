@@ -1,5 +1,6 @@
 """Completion log-probs: the shared-prompt path equals full sequences, in values and in LoRA gradients."""
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -131,19 +132,26 @@ def test_gradient_checkpointing_in_training_uses_full_sequences(monkeypatch):
 def test_trim_unused_columns_drops_padding_that_every_row_has():
     ids = torch.arange(2 * 9).view(2, 9)  # [2, P=4 + C=5]
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 0, 0]])
-    t_ids, t_mask, c = logprobs.trim_unused_columns(ids, mask, 5)
+    t_ids, t_mask, c = logprobs.trim_unused_columns(ids, mask, 5, multiple=1)
     assert c == 3  # the longest completion: 3 tokens
     torch.testing.assert_close(t_ids, ids[:, 1:7])  # one leading column (padding in both rows) dropped
     torch.testing.assert_close(t_mask, mask[:, 1:7])
+    # widths rounded up to a multiple: prompt 3 -> 4 (all of P), completion 3 -> 4
+    t_ids, _, c = logprobs.trim_unused_columns(ids, mask, 5, multiple=2)
+    assert c == 4 and torch.equal(t_ids, ids[:, :8])
+    assert (
+        logprobs.trim_unused_columns(ids, mask, 5)[0] is ids
+    )  # the default multiple (64) keeps everything here
     full = torch.ones_like(mask)
-    assert logprobs.trim_unused_columns(ids, full, 5)[2] == 5  # nothing to drop: the same tensors back
-    assert logprobs.trim_unused_columns(ids, full, 5)[0] is ids
+    assert (
+        logprobs.trim_unused_columns(ids, full, 5, multiple=1)[0] is ids
+    )  # nothing to drop: the same tensors
     empty = mask.clone()
     empty[:, 4:] = 0  # no completion tokens at all: one column is kept
-    assert logprobs.trim_unused_columns(ids, empty, 5)[2] == 1
+    assert logprobs.trim_unused_columns(ids, empty, 5, multiple=1)[2] == 1
     no_prompt = full.clone()
     no_prompt[:, :4] = 0  # all-padding prompt columns: the last prompt column is kept
-    assert logprobs.trim_unused_columns(ids, no_prompt, 5)[0].shape == (2, 6)
+    assert logprobs.trim_unused_columns(ids, no_prompt, 5, multiple=1)[0].shape == (2, 6)
 
 
 def _short_group() -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,6 +168,9 @@ def _short_group() -> tuple[torch.Tensor, torch.Tensor]:
 def test_trimmed_pass_equals_the_padded_pass_in_values_and_gradients(policy, monkeypatch, share):
     widths = []
     full_hidden = logprobs._full_hidden
+    monkeypatch.setattr(  # exact widths: the default rounds them up to multiples of 64 columns
+        logprobs, "trim_unused_columns", functools.partial(logprobs.trim_unused_columns, multiple=1)
+    )
     monkeypatch.setattr(
         logprobs,
         "_full_hidden",
