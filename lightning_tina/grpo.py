@@ -64,8 +64,9 @@ class GRPOSettings:
     multiple of num_generations; the policy pass falls back to full sequences under gradient_checkpointing."""
     trim_padding: bool = True
     """Run each micro-batch of the reference and policy passes over its own longest prompt and completion (rounded
-    up to 64 columns) instead of the step's (exact: the dropped columns are padding in every row). Off only to
-    measure what it saves."""
+    up to 64 columns) instead of the step's (exact: the dropped columns are padding in every row). When a
+    micro-batch holds several groups, groups are first ordered by their longest completion so that similar lengths
+    share one. Off only to measure what it saves."""
 
 
 def group_advantages(

@@ -31,6 +31,7 @@ from lightning_tina.policy import (
     wrap_lora,
 )
 from lightning_tina.rewards import RewardSet, RewardSpec
+from lightning_tina.rollout.batch import order_groups_by_length
 from lightning_tina.types import GRPOStats, PromptBatch, Rollouts
 
 
@@ -215,6 +216,10 @@ class GRPOModule(L.LightningModule):
             )
         t0 = time.perf_counter()
         rollouts = _to_device(self.rollout.rollouts_for(batch, self), self.device)
+        g = self.grpo
+        if g.trim_padding and g.num_generations < g.micro_batch_size < rollouts.input_ids.shape[0]:
+            # similar lengths share a micro-batch, so trimming its padding removes more
+            rollouts = order_groups_by_length(rollouts, g.num_generations)
         t_rollout = time.perf_counter() - t0
 
         scores = self.rewards(  # per_function [N, F], total [N]

@@ -116,7 +116,7 @@ def test_out_of_memory_in_generation_names_the_settings():
         cb.sample([[1, 2, 3]], 4, SamplingConfig(), m)
 
 
-def _fit(m: GRPOModule, tmp_path, steps: int):
+def _fit(m: GRPOModule, tmp_path, steps: int, prompts: int = 2):
     import lightning as L
 
     from lightning_tina.callbacks import RolloutCallback
@@ -132,7 +132,7 @@ def _fit(m: GRPOModule, tmp_path, steps: int):
         ],
         default_root_dir=tmp_path,
     )
-    trainer.fit(m, datamodule=ReasoningDataModule(tokenizer=TINY, prompts_per_step=2, val_source=None))
+    trainer.fit(m, datamodule=ReasoningDataModule(tokenizer=TINY, prompts_per_step=prompts, val_source=None))
     return trainer
 
 
@@ -204,3 +204,23 @@ def test_reference_and_policy_passes_follow_trim_padding(monkeypatch, trim):
     m._frozen_logprobs(r, reference=True)
     m.sequence_logprobs(m.policy, r.input_ids, r.attention_mask, r.completion_mask.shape[1])
     assert seen and set(seen) == {trim}
+
+
+@pytest.mark.parametrize("micro, ordered", [(8, True), (4, False), (12, False)])
+def test_groups_are_ordered_by_length_only_when_a_micro_batch_holds_several(
+    tmp_path, monkeypatch, micro, ordered
+):
+    import lightning_tina.module as module_file
+
+    calls: list[int] = []
+    real = module_file.order_groups_by_length
+    monkeypatch.setattr(module_file, "order_groups_by_length", lambda r, g: calls.append(g) or real(r, g))
+    m = GRPOModule(
+        model=TINY,
+        lora=LoRASettings(r=4, alpha=8, dropout=0.0),
+        grpo=GRPOSettings(num_generations=4, batch_size=12, micro_batch_size=micro),
+        optim=OptimSettings(lr=1e-2, warmup_ratio=0.0),
+        rewards=[RewardSpec("accuracy"), RewardSpec("test_completion_length")],
+    )
+    assert _fit(m, tmp_path, steps=1, prompts=3).global_step == 1
+    assert calls == ([4] if ordered else [])

@@ -47,6 +47,31 @@ def make_rollouts(
     )
 
 
+def order_groups_by_length(rollouts: Rollouts, group_size: int) -> Rollouts:
+    """The same rollouts with whole groups ordered by their longest completion, longest first (a stable sort).
+
+    Consecutive micro-batches then hold groups of similar length, so dropping each micro-batch's unused padding
+    (`logprobs.trim_unused_columns`) removes more of it. Groups stay whole and every field is permuted alike; the
+    loss and statistics of a step are sums over rows, so the update is the same up to summation order.
+    """
+    n = rollouts.completion_mask.shape[0]
+    longest = rollouts.completion_mask.sum(-1).view(n // group_size, group_size).amax(-1)  # [B]
+    groups = torch.sort(longest.cpu(), descending=True, stable=True).indices  # [B]
+    order = (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)  # [N]
+    if torch.equal(order, torch.arange(n)):
+        return rollouts
+    idx = order.tolist()
+    fields: dict = {}
+    for name, value in rollouts._asdict().items():
+        if isinstance(value, torch.Tensor):
+            fields[name] = value[order.to(value.device)]
+        elif isinstance(value, list):
+            fields[name] = [value[i] for i in idx]
+        else:
+            fields[name] = value
+    return Rollouts(**fields)
+
+
 def decode_completion(tokenizer, token_ids: Sequence[int]) -> str:
     """Decode a completion without its trailing EOS/pad tokens.
 
