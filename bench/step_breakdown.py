@@ -121,8 +121,9 @@ def one_step(
 
     g = module.grpo
     amp = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
     if engine is None:  # --synthetic: the training part only
-        rollouts = batch
+        rollouts = module.ordered_for_micro_batches(batch)  # as training_step
         adv = torch.randn(rollouts.input_ids.shape[0], generator=torch.Generator().manual_seed(0)).to(
             args.device
         )
@@ -138,7 +139,9 @@ def one_step(
         with t.phase("rollout"):  # not under autocast: the engines run in their own dtype
             sampling = SamplingConfig(max_new_tokens=args.tokens, temperature=1.0)
             gens = engine.generate(batch.prompt_ids, g.num_generations, sampling)
-            rollouts = make_rollouts(batch, gens, g.num_generations, module.tokenizer)
+            rollouts = module.ordered_for_micro_batches(
+                make_rollouts(batch, gens, g.num_generations, module.tokenizer)
+            )
             rollouts = rollouts._replace(
                 input_ids=rollouts.input_ids.to(args.device),
                 attention_mask=rollouts.attention_mask.to(args.device),

@@ -202,6 +202,14 @@ class GRPOModule(L.LightningModule):
             policy.train(was_training)
         return torch.cat(out)  # [N, C]
 
+    def ordered_for_micro_batches(self, rollouts: Rollouts) -> Rollouts:
+        """With several groups per micro-batch (and trim_padding), whole groups ordered by their longest completion:
+        similar lengths then share a micro-batch, so trimming its padding removes more. Otherwise unchanged."""
+        g = self.grpo
+        if g.trim_padding and g.num_generations < g.micro_batch_size < rollouts.input_ids.shape[0]:
+            return order_groups_by_length(rollouts, g.num_generations)
+        return rollouts
+
     def _micro_batches(self, rollouts: Rollouts) -> list[slice]:
         n, mb = rollouts.input_ids.shape[0], self.grpo.micro_batch_size
         return [slice(i, min(i + mb, n)) for i in range(0, n, mb)]
@@ -215,11 +223,9 @@ class GRPOModule(L.LightningModule):
                 "(the CLI adds it as the `rollout:` section)"
             )
         t0 = time.perf_counter()
-        rollouts = _to_device(self.rollout.rollouts_for(batch, self), self.device)
-        g = self.grpo
-        if g.trim_padding and g.num_generations < g.micro_batch_size < rollouts.input_ids.shape[0]:
-            # similar lengths share a micro-batch, so trimming its padding removes more
-            rollouts = order_groups_by_length(rollouts, g.num_generations)
+        rollouts = self.ordered_for_micro_batches(
+            _to_device(self.rollout.rollouts_for(batch, self), self.device)
+        )
         t_rollout = time.perf_counter() - t0
 
         scores = self.rewards(  # per_function [N, F], total [N]
