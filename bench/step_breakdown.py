@@ -121,7 +121,6 @@ def one_step(
 
     g = module.grpo
     amp = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-
     if engine is None:  # --synthetic: the training part only
         rollouts = module.ordered_for_micro_batches(batch)  # as training_step
         adv = torch.randn(rollouts.input_ids.shape[0], generator=torch.Generator().manual_seed(0)).to(
