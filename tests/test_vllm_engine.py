@@ -282,6 +282,76 @@ def test_weight_reload_resets_the_prefix_cache(tiny_model: Path, monkeypatch: py
 
 @pytest.mark.vllm
 @requires_vllm
+def test_compiled_cpu_rms_norm_matches_native() -> None:
+    """The compiled kernels behind VLLMConfig.cpu_compiled_norm against vLLM's native RMSNorm and float64."""
+    from vllm import ir
+
+    from lightning_tina.rollout.vllm_worker import CPU_NORM_PROVIDER, install_cpu_rms_norm
+
+    priority = install_cpu_rms_norm()
+    assert priority == {
+        "rms_norm": [CPU_NORM_PROVIDER, "native"],
+        "fused_add_rms_norm": [CPU_NORM_PROVIDER, "native"],
+    }
+    assert install_cpu_rms_norm() == priority  # a second call registers nothing twice
+    norm, add_norm = ir.ops.rms_norm, ir.ops.fused_add_rms_norm
+    g = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 2**-7)):
+        x = (3 * torch.randn(37, 96, generator=g)).to(dtype)  # [T, H]
+        res = torch.randn(37, 96, generator=g).to(dtype)  # [T, H]
+        w = torch.randn(96, generator=g).to(dtype)  # [H]
+        ours = norm.impls[CPU_NORM_PROVIDER].impl_fn(x, w, 1e-6)  # [T, H]
+        native = norm.impls["native"].impl_fn(x, w, 1e-6)  # [T, H]
+        x64 = x.double()
+        exact = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()  # [T, H]
+        scale = exact.abs().clamp(min=1.0)
+        assert ours.dtype == dtype and ((ours.double() - exact).abs() / scale).max() <= tol
+        assert ((ours.double() - native.double()).abs() / scale).max() <= 2 * tol
+        a, r = x.clone(), res.clone()
+        out, summed = add_norm.impls[CPU_NORM_PROVIDER].impl_fn(a, r, w, 1e-6)
+        n_out, n_sum = add_norm.impls["native"].impl_fn(x.clone(), res.clone(), w, 1e-6)
+        assert out.data_ptr() == a.data_ptr() and summed.data_ptr() == r.data_ptr()  # in place, as registered
+        assert torch.equal(summed, n_sum)  # the residual stream: x + res, rounded once to the dtype
+        assert ((out.double() - n_out.double()).abs() / scale).max() <= 2 * tol
+    # Inputs the kernels do not take go to native: a weight of another dtype, a strided input.
+    x = torch.randn(4, 96)
+    assert norm.impls[CPU_NORM_PROVIDER].supports_args(x, torch.ones(96), 1e-6)
+    assert not norm.impls[CPU_NORM_PROVIDER].supports_args(x, torch.ones(96, dtype=torch.bfloat16), 1e-6)
+    assert not norm.impls[CPU_NORM_PROVIDER].supports_args(torch.randn(96, 4).T, torch.ones(96), 1e-6)
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_engine_runs_rms_norm_compiled_unless_turned_off(
+    tiny_model: Path, tiny_prompts: list[list[int]]
+) -> None:
+    """The engine hands vLLM the priority that puts the compiled RMSNorm first; with cpu_compiled_norm=False it
+    runs vLLM's native one; both sample the same tokens with log-probs equal to float32 rounding."""
+    from vllm import ir
+
+    from lightning_tina.rollout.vllm_worker import CPU_NORM_PROVIDER
+
+    sampling = SamplingConfig(max_new_tokens=12, temperature=TEMPERATURE, seed=3)
+    x, w = torch.randn(5, 64), torch.ones(64)
+    runs = {}
+    for compiled in (True, False):
+        engine = _engine(tiny_model, weight_sync="merged", cpu_compiled_norm=compiled)
+        try:
+            assert ("kernel_config" in engine.engine_kwargs()) == compiled
+            runs[compiled] = engine.generate(tiny_prompts, 2, sampling)
+            first = ir.ops.rms_norm.get_priority()[0]
+            assert first == (CPU_NORM_PROVIDER if compiled else "native"), ir.ops.rms_norm.get_priority()
+            assert ir.ops.rms_norm.dispatch(x, w, 1e-6).provider == first
+        finally:
+            engine.close()
+    assert [g.token_ids for g in runs[True]] == [g.token_ids for g in runs[False]]
+    a = torch.tensor([lp for g in runs[True] for lp in g.logprobs])
+    b = torch.tensor([lp for g in runs[False] for lp in g.logprobs])
+    assert (a - b).abs().max() <= 1e-4, (a - b).abs().max()
+
+
+@pytest.mark.vllm
+@requires_vllm
 def test_bfloat16_rollouts_for_a_float32_trainer(tiny_model: Path, tiny_prompts: list[list[int]]) -> None:
     """VLLMConfig.dtype overrides the trainer's dtype; the log-prob gap is then bf16 rounding, not a stale model."""
     prompts, n = tiny_prompts, 4

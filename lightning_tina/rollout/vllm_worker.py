@@ -1,7 +1,9 @@
-"""Code that runs inside vLLM 0.32's worker: in-memory adapter loading and a faster CPU path for one adapter.
+"""Code that runs inside vLLM 0.32's worker: in-memory adapter loading, a faster CPU path for one adapter, and the
+compiled CPU RMSNorm.
 
-Both reach into vLLM internals (the worker's LoRA manager, the CPU punica ops), so both are small, checked by the
-freshness test (tests/test_vllm_engine.py) against the PEFT policy, and fall back to vLLM's own code otherwise.
+All three reach into vLLM internals (the worker's LoRA manager, the CPU punica ops, vLLM's IR op registry), so they
+are small, checked by the freshness test (tests/test_vllm_engine.py) against the PEFT policy, and fall back to vLLM's
+own code otherwise.
 """
 
 from __future__ import annotations
@@ -169,3 +171,76 @@ def install_cpu_single_lora_fast_path(enabled: bool = True) -> bool:
     punica_cpu._tina_fast_path = True
     _FAST_PATH["on"] = True
     return True
+
+
+CPU_NORM_PROVIDER = "lightning_tina_cpu"
+"""The name under which `install_cpu_rms_norm` registers its RMSNorm implementations with vLLM's IR ops."""
+
+
+def install_cpu_rms_norm() -> dict[str, list[str]] | None:
+    """Route vLLM's RMSNorm to the compiled kernels that its CPU build ships but does not use.
+
+    vLLM 0.32 dispatches `rms_norm` and `fused_add_rms_norm` (two per decoder layer) through its IR op registry,
+    and on CPU its only registered implementation is the native torch one (six to eight element-wise ops; the
+    compiled `vllm_c` provider is marked GPU-only although `torch.ops._C.rms_norm` exists in the CPU build). This
+    registers the compiled kernels under `CPU_NORM_PROVIDER` for inputs they handle (contiguous, a weight of the
+    input's dtype, no variance-size override; anything else falls back to native) and returns the
+    `kernel_config.ir_op_priority` that puts them first, or None when this vLLM lacks the pieces. They compute in
+    float32 and round once (native rounds the normalized value to bf16 before the weight multiply), so they agree with
+    native to float32 rounding in float32 and are closer to the float64 result in bfloat16. Measured on the 2-core CI
+    CPU, 18M Qwen2 in bf16, 32 x 64 tokens: 4x faster per call, generation 1.10 -> 1.00 s (bench/README.md).
+    """
+    try:
+        from vllm import ir
+        from vllm.platforms import current_platform
+    except ImportError:
+        return None
+    ops = getattr(ir, "ops", None)
+    if current_platform.is_cpu():
+        current_platform.import_kernels()  # loads vLLM's compiled ops (torch.ops._C), as vLLM does at start
+    if (
+        not current_platform.is_cpu()
+        or not hasattr(ops, "rms_norm")
+        or not hasattr(ops, "fused_add_rms_norm")
+        or not hasattr(torch.ops._C, "rms_norm")
+        or not hasattr(torch.ops._C, "fused_add_rms_norm")
+    ):
+        return None
+    if CPU_NORM_PROVIDER not in ops.rms_norm.impls:
+
+        def takes(x: Tensor, weight: Tensor | None, epsilon: float, variance_size: int | None = None) -> bool:
+            return (
+                variance_size is None and weight is not None and weight.dtype == x.dtype and x.is_contiguous()
+            )
+
+        def takes_add(
+            x: Tensor,
+            x_residual: Tensor,
+            weight: Tensor | None,
+            epsilon: float,
+            variance_size: int | None = None,
+        ) -> bool:
+            return takes(x, weight, epsilon, variance_size) and x_residual.is_contiguous()
+
+        @ops.rms_norm.register_impl(CPU_NORM_PROVIDER, supports_args=takes)
+        def rms_norm(
+            x: Tensor, weight: Tensor | None, epsilon: float, variance_size: int | None = None
+        ) -> Tensor:
+            out = torch.empty_like(x)
+            torch.ops._C.rms_norm(out, x, weight, epsilon)
+            return out
+
+        @ops.fused_add_rms_norm.register_impl(CPU_NORM_PROVIDER, supports_args=takes_add, inplace=True)
+        def fused_add_rms_norm(
+            x: Tensor,
+            x_residual: Tensor,
+            weight: Tensor | None,
+            epsilon: float,
+            variance_size: int | None = None,
+        ) -> tuple[Tensor, Tensor]:
+            # in place: x_residual <- x + x_residual, x <- the normalized sum
+            torch.ops._C.fused_add_rms_norm(x, x_residual, weight, epsilon)
+            return x, x_residual
+
+    order = [CPU_NORM_PROVIDER, "native"]
+    return {"rms_norm": order, "fused_add_rms_norm": list(order)}
