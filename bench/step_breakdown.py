@@ -39,7 +39,7 @@ def build_module(model: str, args: argparse.Namespace) -> Any:
     n = args.prompts * args.generations
     module = GRPOModule(
         model=model,
-        lora=LoRASettings(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0),
+        lora=LoRASettings(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0, fused=not args.no_fused_lora),
         grpo=GRPOSettings(
             num_generations=args.generations,
             batch_size=n,
@@ -309,6 +309,11 @@ def main(argv: list[str] | None = None) -> None:
         "--no-trim-padding",
         action="store_true",
         help="run every micro-batch at the step's longest completion (model.grpo.trim_padding false)",
+    )
+    p.add_argument(
+        "--no-fused-lora",
+        action="store_true",
+        help="PEFT's own LoRA forward instead of the fused function (model.lora.fused false)",
     )
     p.add_argument(
         "--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (weights stay)"
