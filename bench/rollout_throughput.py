@@ -203,6 +203,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     parser.add_argument("--kv-cache-gib", type=float, default=None, help="CPU KV-cache size")
     parser.add_argument(
+        "--no-compiled-norm",
+        action="store_true",
+        help="CPU: vLLM's native torch RMSNorm (VLLMConfig.cpu_compiled_norm false) instead of its compiled kernel",
+    )
+    parser.add_argument(
         "--no-sleep", action="store_true", help="GPU: keep vLLM awake (default: sleep between rollouts)"
     )
     args = parser.parse_args(argv)
@@ -246,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         prompt_len=args.prompt_len,
         lora_rank=args.lora_rank,
         repeats=args.repeats,
+        compiled_norm=not args.no_compiled_norm,
     )
     engines = args.engines.split(",")
     unknown = set(engines) - {*VLLM_ENGINES, "hf"}
@@ -263,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
             enable_sleep_mode=False if args.no_sleep else None,
             weight_sync=methods.pop(),  # type: ignore[arg-type]
             dtype=args.rollout_dtype,
+            cpu_compiled_norm=not args.no_compiled_norm,
         )
         engine = VLLMEngine(model_path, dtype=dtype, max_lora_rank=args.lora_rank, config=config)
         engine.sync(policy, 0)
