@@ -1,7 +1,8 @@
 """CUDA paths that CI (CPU only) cannot run: `pytest -m gpu` on a GPU machine (bench/gpu_check.sh runs it first).
 
 What differs on a GPU and is checked here: the chunked log-softmax's hand-written backward under CUDA bf16 autocast
-(bf16 weights, as Tina trains), prompt sharing with SDPA attention in bf16, and a whole `fit` through the real CLI
+(bf16 weights, as Tina trains), prompt sharing with SDPA attention in bf16, the fused LoRA layer against PEFT's
+under CUDA bf16 autocast, and a whole `fit` through the real CLI
 on CUDA with bf16-mixed precision that writes a PEFT adapter that PEFT loads back.
 """
 
@@ -58,6 +59,30 @@ def test_shared_prompt_matches_full_sequences_in_bf16_on_cuda() -> None:
         full, _ = completion_logprobs(policy, ids, mask, 16, 4, share_prompt=False)
     assert torch.isfinite(shared).all()
     assert (shared - full).abs().mean() < 0.02  # bf16 kernels over different shapes: rounding only
+
+
+def test_fused_lora_matches_peft_under_cuda_bf16_autocast() -> None:
+    """The policy's log-probs and LoRA gradients with `model.lora.fused` against PEFT's forward, on CUDA."""
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        settings = LoRASettings(r=8, alpha=32, dropout=0.0, fused=fused)
+        policy = wrap_lora(load_causal_lm(str(TINY), "bfloat16"), settings).cuda()
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.05)
+        ids = torch.randint(3, 200, (4, 48), generator=torch.Generator().manual_seed(1)).cuda()  # [N, P+C]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            lp, _ = completion_logprobs(
+                policy, ids, torch.ones_like(ids), 32, 4, share_prompt=False
+            )  # [N, C]
+        lp.float().sum().backward()
+        grads = torch.cat([p.grad.flatten().float() for p in policy.parameters() if p.grad is not None])
+        results.append((lp.detach().float(), grads))
+    (lp1, g1), (lp0, g0) = results
+    # bf16 rounding only (one rounding of the low-rank sum instead of two); on CPU: 0.025 against |log-prob| 15
+    assert (lp1 - lp0).abs().mean() <= 0.005 * lp0.abs().mean() + 0.01
+    assert (g1 - g0).norm() <= 0.05 * g0.norm()  # on CPU: 0.007
 
 
 def test_fit_on_cuda_bf16_mixed_writes_an_adapter_peft_loads(tmp_path: Path) -> None:
