@@ -54,6 +54,7 @@ def build_module(model: str, args: argparse.Namespace) -> Any:
         rewards=[RewardSpec("accuracy", 1.0), RewardSpec("format", 1.0)],
         dtype=args.dtype,
         attn_implementation=args.attn,
+        fused_norm=not args.no_fused_norm,
     )
     module.configure_model()
     module.policy.to(args.device)
@@ -309,6 +310,11 @@ def main(argv: list[str] | None = None) -> None:
         "--no-trim-padding",
         action="store_true",
         help="run every micro-batch at the step's longest completion (model.grpo.trim_padding false)",
+    )
+    p.add_argument(
+        "--no-fused-norm",
+        action="store_true",
+        help="the model's own RMSNorm instead of the hand-written backward (model.fused_norm false)",
     )
     p.add_argument(
         "--no-fused-lora",

@@ -17,6 +17,7 @@ import torch
 
 from lightning_tina import grpo
 from lightning_tina.attention import CPU_ATTENTION, register_cpu_attention
+from lightning_tina.fused_norm import install_fused_rms_norm
 from lightning_tina.grpo import GRPOSettings
 from lightning_tina.logprobs import completion_logprobs
 from lightning_tina.optim import OptimSettings, build_optimizer
@@ -65,6 +66,8 @@ class GRPOModule(L.LightningModule):
         dtype: weights' dtype: float32, bfloat16 or float16.
         attn_implementation: passed to from_pretrained (e.g. "sdpa", "flash_attention_2"); None = the library's
             default with CUDA, lightning_tina's size-adaptive CPU attention without (lightning_tina/attention.py).
+        fused_norm: RMSNorm layers with frozen weights run with a hand-written backward (lightning_tina/fused_norm.py;
+            the same output, fewer element-wise passes); False: the model's own RMSNorm.
         eval: sampling for validate/test.
     """
 
@@ -77,6 +80,7 @@ class GRPOModule(L.LightningModule):
         rewards: list[RewardSpec] | None = None,
         dtype: str = "float32",
         attn_implementation: str | None = None,
+        fused_norm: bool = True,
         eval: EvalSettings = EvalSettings(),
     ) -> None:
         super().__init__()
@@ -88,6 +92,7 @@ class GRPOModule(L.LightningModule):
         self.reward_specs = list(rewards) if rewards is not None else _default_rewards()
         self.dtype_name = dtype
         self.attn_implementation = attn_implementation
+        self.fused_norm = fused_norm
         self._validate()
         self.rewards = RewardSet(self.reward_specs)
         self.tokenizer = load_tokenizer(model)
@@ -135,6 +140,8 @@ class GRPOModule(L.LightningModule):
         if attn == CPU_ATTENTION:
             register_cpu_attention()
         base = load_causal_lm(self.model_name, self.dtype_name, attn)
+        if self.fused_norm:
+            install_fused_rms_norm(base)
         if self.grpo.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.config.use_cache = False

@@ -64,12 +64,12 @@ def test_step_breakdown_synthetic_training_part(capsys):
     _script("step_breakdown").main(
         ["--size", "tiny", "--synthetic", "--prompts", "2", "--generations", "2", "--tokens", "8"]
         + ["--prompt-tokens", "4", "--micro-batch", "3", "--steps", "1", "--precision", "bf16"]
-        + ["--length-spread", "0.5", "--no-fused-lora"]
+        + ["--length-spread", "0.5", "--no-fused-lora", "--no-fused-norm"]
     )
     r = _record(capsys.readouterr().out)
     assert r["median_s"]["rollout"] == 0 and r["train_tokens_per_s"] > 0
     assert r["settings"]["length_spread"] == 0.5 and not r["settings"]["no_trim_padding"]
-    assert r["settings"]["no_fused_lora"]
+    assert r["settings"]["no_fused_lora"] and r["settings"]["no_fused_norm"]
 
 
 def test_logprob_memory_worker(capsys):
