@@ -1,8 +1,8 @@
 """CUDA paths that CI (CPU only) cannot run: `pytest -m gpu` on a GPU machine (bench/gpu_check.sh runs it first).
 
 What differs on a GPU and is checked here: the chunked log-softmax's hand-written backward under CUDA bf16 autocast
-(bf16 weights, as Tina trains), prompt sharing with SDPA attention in bf16, the fused LoRA layer against PEFT's
-under CUDA bf16 autocast, and a whole `fit` through the real CLI
+(bf16 weights, as Tina trains), prompt sharing with SDPA attention in bf16, the fused LoRA layer and RMSNorm against
+PEFT's and the model's under CUDA bf16 autocast, and a whole `fit` through the real CLI
 on CUDA with bf16-mixed precision that writes a PEFT adapter that PEFT loads back.
 """
 
@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from lightning_tina import grpo
+from lightning_tina.fused_norm import install_fused_rms_norm
 from lightning_tina.logprobs import completion_logprobs
 from lightning_tina.policy import LoRASettings, load_causal_lm, wrap_lora
 
@@ -61,13 +62,17 @@ def test_shared_prompt_matches_full_sequences_in_bf16_on_cuda() -> None:
     assert (shared - full).abs().mean() < 0.02  # bf16 kernels over different shapes: rounding only
 
 
-def test_fused_lora_matches_peft_under_cuda_bf16_autocast() -> None:
-    """The policy's log-probs and LoRA gradients with `model.lora.fused` against PEFT's forward, on CUDA."""
+def test_fused_lora_and_norm_match_peft_and_the_model_under_cuda_bf16_autocast() -> None:
+    """The policy's log-probs and LoRA gradients with `model.lora.fused` and `model.fused_norm` against PEFT's
+    forward and the model's own RMSNorm, on CUDA."""
     results = []
     for fused in (True, False):
         torch.manual_seed(0)
         settings = LoRASettings(r=8, alpha=32, dropout=0.0, fused=fused)
-        policy = wrap_lora(load_causal_lm(str(TINY), "bfloat16"), settings).cuda()
+        base = load_causal_lm(str(TINY), "bfloat16")
+        if fused:
+            install_fused_rms_norm(base)
+        policy = wrap_lora(base, settings).cuda()
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.data.normal_(0, 0.05)
