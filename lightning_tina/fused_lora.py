@@ -83,7 +83,9 @@ def _fused_plan(layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> tuple
     if args or kwargs or layer.disable_adapters or layer.merged or layer.fan_in_fan_out:
         return None
     active = [n for n in layer.active_adapters if n in layer.lora_A]
-    if len(active) != 1 or active[0] in layer.lora_variant or layer.use_dora.get(active[0], False):
+    # DoRA and other variants (the attributes are absent in older PEFT releases)
+    variants, dora = getattr(layer, "lora_variant", {}), getattr(layer, "use_dora", {})
+    if len(active) != 1 or active[0] in variants or dora.get(active[0], False):
         return None
     name = active[0]
     base, lora_a, lora_b = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
