@@ -188,7 +188,8 @@ def install_cpu_rms_norm() -> dict[str, list[str]] | None:
     `kernel_config.ir_op_priority` that puts them first, or None when this vLLM lacks the pieces. They compute in
     float32 and round once (native rounds the normalized value to bf16 before the weight multiply), so they agree with
     native to float32 rounding in float32 and are closer to the float64 result in bfloat16. Measured on the 2-core CI
-    CPU, 18M Qwen2 in bf16, 32 x 64 tokens: 4x faster per call, generation 1.10 -> 1.00 s (bench/README.md).
+    CPU, 18M Qwen2 in bf16, 32 x 64 tokens: 4x faster per call, generation 4-7% faster
+    (bench/README_rollout.md).
     """
     try:
         from vllm import ir
