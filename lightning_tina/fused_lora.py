@@ -15,7 +15,7 @@ Layers or calls that this does not cover run PEFT's own forward: adapters disabl
 several active adapters, DoRA and other variants, an adapter bias, mixed-adapter batches, a trainable or sharded
 base weight, and dtypes that differ without autocast (PEFT then computes the adapter in its own dtype).
 
-Measured in bench/README.md (`model.fused_lora`, default on).
+Measured in bench/README.md (`model.lora.fused`, default on).
 """
 
 from __future__ import annotations

@@ -196,12 +196,12 @@ def install_cpu_rms_norm() -> dict[str, list[str]] | None:
         from vllm.platforms import current_platform
     except ImportError:
         return None
+    if not current_platform.is_cpu():
+        return None
+    current_platform.import_kernels()  # loads vLLM's compiled ops (torch.ops._C), as vLLM does at start
     ops = getattr(ir, "ops", None)
-    if current_platform.is_cpu():
-        current_platform.import_kernels()  # loads vLLM's compiled ops (torch.ops._C), as vLLM does at start
     if (
-        not current_platform.is_cpu()
-        or not hasattr(ops, "rms_norm")
+        not hasattr(ops, "rms_norm")
         or not hasattr(ops, "fused_add_rms_norm")
         or not hasattr(torch.ops._C, "rms_norm")
         or not hasattr(torch.ops._C, "fused_add_rms_norm")
