@@ -13,6 +13,7 @@ from lightning_tina.rank_state import gather_ranks, own_rank
 from lightning_tina.rollout import EngineName, RolloutEngine, VLLMConfig, make_engine
 from lightning_tina.rollout.base import SamplingConfig
 from lightning_tina.rollout.batch import make_rollouts
+from lightning_tina.rollout.vllm import engine_logprobs_mode
 from lightning_tina.types import Generation, PromptBatch, Rollouts
 
 
@@ -60,6 +61,13 @@ class RolloutCallback(L.Callback):
                 raise ValueError(
                     f"model.grpo.temperature={grpo.temperature} differs from rollout.sampling.temperature="
                     f"{self.sampling.temperature}: log-probs would be computed for another distribution"
+                )
+            mode = engine_logprobs_mode(grpo.logprob_temperature, grpo.temperature)
+            if self.vllm.engine_logprobs != mode:
+                raise ValueError(
+                    f"rollout.vllm.engine_logprobs={self.vllm.engine_logprobs!r} but model.grpo.logprob_temperature="
+                    f"{grpo.logprob_temperature} needs {mode!r} for the engine's log-probs to match the trainer's; "
+                    "set it once in model.grpo (the CLI links the two)"
                 )
 
     def current_engine(self, pl_module: L.LightningModule) -> RolloutEngine:

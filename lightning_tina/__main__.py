@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_tina.callbacks.rollout import RolloutCallback
 from lightning_tina.datamodule import ReasoningDataModule
 from lightning_tina.module import GRPOModule
+from lightning_tina.rollout.vllm import engine_logprobs_mode
 
 
 def prompts_per_step(batch_size: int, num_generations: int) -> int:
@@ -28,6 +29,11 @@ class TinaCLI(LightningCLI):
         parser.link_arguments("model.model", "data.tokenizer")
         parser.link_arguments("model.grpo.num_generations", "rollout.num_generations")
         parser.link_arguments("model.grpo.temperature", "rollout.sampling.temperature")
+        parser.link_arguments(
+            ("model.grpo.logprob_temperature", "model.grpo.temperature"),
+            "rollout.vllm.engine_logprobs",
+            engine_logprobs_mode,
+        )
         parser.link_arguments(
             ("model.grpo.batch_size", "model.grpo.num_generations"), "data.prompts_per_step", prompts_per_step
         )

@@ -46,7 +46,12 @@ class GRPOSettings:
     num_iterations: int = 1
     """Optimizer steps per rollout batch (mu); above 1 the clipped ratio uses the rollout's old log-probs."""
     temperature: float = 1.0
-    """Sampling temperature; log-probs are computed from logits / temperature. Linked from the rollout sampling."""
+    """Sampling temperature of the rollouts. Linked to rollout.sampling.temperature by the CLI."""
+    logprob_temperature: float | None = None
+    """Temperature of the trainer's log-probs (policy, reference, old policy): log_softmax(logits / T_lp).
+    None: the sampling temperature, so the ratio and KL are those of the distribution that sampled (TRL >= 0.16,
+    the temperature-consistent choice). 1.0: raw logits while sampling at `temperature`, as TRL 0.15.2's
+    `_get_per_token_logps` and so Tina's trainer did (configs/tina sets it; docs/recipes.md)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
     max_nonfinite_updates: int = 10
@@ -67,6 +72,11 @@ class GRPOSettings:
     up to 64 columns) instead of the step's (exact: the dropped columns are padding in every row). When a
     micro-batch holds several groups, groups are first ordered by their longest completion so that similar lengths
     share one. Off only to measure what it saves."""
+
+    @property
+    def logprob_temp(self) -> float:
+        """The temperature the trainer's log-probs use (see logprob_temperature)."""
+        return self.temperature if self.logprob_temperature is None else self.logprob_temperature
 
 
 def group_advantages(

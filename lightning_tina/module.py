@@ -182,7 +182,7 @@ class GRPOModule(L.LightningModule):
             attention_mask,
             completion_len,
             group_size=g.num_generations,
-            temperature=g.temperature,
+            temperature=g.logprob_temp,
             chunk_tokens=g.logprob_chunk_tokens,
             share_prompt=g.share_prompt,
             with_entropy=with_entropy,

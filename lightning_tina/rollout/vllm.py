@@ -6,10 +6,11 @@ snapshots what vLLM needs and the next `generate` loads it (see rollout/vllm_syn
 into the linear weights, loaded in place into an engine started without LoRA (faster generation on CPU). A policy
 that is not a PEFT model (full fine-tuning) is always pushed with vLLM's in-place weight reload.
 
-Log-probs: vLLM runs with `logprobs_mode="processed_logprobs"`, i.e. log_softmax(filter(logits / T)) where filter is
-top-k/top-p/min-p. With those filters off (Tina's setting) this equals the trainer's log_softmax(logits / T) of the
-sampled token; with a filter on, it is the log-prob under the truncated distribution that was actually sampled.
-Greedy decoding (T = 0) returns log_softmax(logits).
+Log-probs: by default vLLM runs with `logprobs_mode="processed_logprobs"`, i.e. log_softmax(filter(logits / T))
+where filter is top-k/top-p/min-p. With those filters off (Tina's setting) this equals the trainer's
+log_softmax(logits / T) of the sampled token; with a filter on, it is the log-prob under the truncated distribution
+that was actually sampled. Greedy decoding (T = 0) returns log_softmax(logits). `VLLMConfig.engine_logprobs="raw"`
+(linked from model.grpo.logprob_temperature = 1.0) reports log_softmax(logits) instead, as the trainer then computes.
 """
 
 from __future__ import annotations
@@ -94,12 +95,26 @@ class VLLMConfig:
     but faster generation, with no LoRA ops per token. "auto": "merged" on CPU, "lora" on GPU (adapter-only sync,
     as Tina) or with tensor_parallel_size > 1. Full fine-tuning (a policy that is not a PEFT model) always reloads
     the full weights. Timings: bench/README_rollout.md."""
+    engine_logprobs: Literal["processed", "raw"] = "processed"
+    """Which log-prob of each sampled token the engine reports (compared with the trainer's as
+    engine/logprob_diff_*, and the denominator of model.grpo.tis_cap): "processed", after temperature and the
+    top-k/top-p/min-p filters (vLLM's processed_logprobs), or "raw", log_softmax of the raw logits. Linked by the
+    CLI from model.grpo.logprob_temperature: "raw" when the trainer's log-probs use T=1 while sampling at another
+    temperature (Tina's recipes), "processed" otherwise."""
     dtype: str | None = None
     """Rollout dtype ("float32", "bfloat16", "float16", "auto"), independent of the trainer's. None: the dtype the
     engine was built with (the trainer's, from make_engine). A lower rollout precision (bfloat16 rollouts for a
     float32 trainer: 1.7x faster merged generation on an avx512_bf16 CPU, bench/README_rollout.md) makes the
     engine's log-probs those of the rounded model: the trainer logs the gap (engine/logprob_diff_mean) and
     corrects for it with truncated importance sampling (model.grpo.tis_cap)."""
+
+
+def engine_logprobs_mode(logprob_temperature: float | None, temperature: float) -> str:
+    """The engine log-prob that matches the trainer's: "raw" when the trainer uses T=1 while sampling at another
+    temperature (Tina), else "processed" (after temperature)."""
+    if logprob_temperature is not None and logprob_temperature == 1.0 and temperature != 1.0:
+        return "raw"
+    return "processed"
 
 
 class VLLMEngine(RolloutEngine):
@@ -304,7 +319,7 @@ class VLLMEngine(RolloutEngine):
             tensor_parallel_size=cfg.tensor_parallel_size,
             enable_prefix_caching=cfg.enable_prefix_caching,
             max_num_seqs=cfg.max_num_seqs,
-            logprobs_mode="processed_logprobs",
+            logprobs_mode=f"{cfg.engine_logprobs}_logprobs",
             enforce_eager=(not self.on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
         )
         if self._lora_enabled:
