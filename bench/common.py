@@ -18,11 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for lightning_tina
+from lightning_tina.policy import TINA_TARGET_MODULES  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_DIR = REPO / "data" / "tiny"
-TINY_STANDIN = Path("/tmp/tiny_exp1")
-"""Used when ``data/tiny`` is missing: a tiny model built by ``python -m lightning_tina.tiny.build --out DIR``."""
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS = TINA_TARGET_MODULES
 
 # Random-weight shapes (vocab_size None = the tokenizer's length).
 # 18m: the issue's second size; intermediate 2 * hidden gives about 18M parameters with the tiny tokenizer.
@@ -85,11 +86,11 @@ def pin_threads(n: int) -> None:
 
 
 def tiny_dir(explicit: str | None = None) -> Path:
-    """The embedded tiny model: `explicit`, else data/tiny when it holds a model, else the /tmp stand-in."""
-    for candidate in [Path(explicit)] if explicit else [TINY_DIR, TINY_STANDIN]:
-        if (candidate / "config.json").exists():
-            return candidate
-    where = explicit or f"{TINY_DIR} or {TINY_STANDIN}"
+    """The embedded tiny model: `explicit` (--tiny-dir), else data/tiny."""
+    candidate = Path(explicit) if explicit else TINY_DIR
+    if (candidate / "config.json").exists():
+        return candidate
+    where = explicit or TINY_DIR
     raise SystemExit(
         f"no tiny model at {where}: build one with `python -m lightning_tina.tiny.build --out DIR` and pass "
         "--tiny-dir DIR"
@@ -105,20 +106,15 @@ def build_random_qwen2(shape: str, out: Path, tokenizer_dir: Path, seed: int = 0
     bench runs do not rebuild it. Built on the GPU when there is one (the 1.5B shape takes minutes on a CPU).
     """
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer
+
+    from lightning_tina.tiny.random_model import save_random_qwen2
 
     if shape not in SHAPES:
         raise ValueError(f"shape {shape!r} is not one of {sorted(SHAPES)}")
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     spec = dict(SHAPES[shape])
     spec["vocab_size"] = spec["vocab_size"] or len(tok)
-    config = Qwen2Config(
-        **spec,
-        head_dim=spec["hidden_size"] // spec["num_attention_heads"],
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        bos_token_id=None,
-    )
     dtype = "bfloat16" if shape == "qwen1.5b" else "float32"
     stamp = out / "bench_shape.json"
     tok_file = tokenizer_dir / "tokenizer.json"
@@ -126,17 +122,17 @@ def build_random_qwen2(shape: str, out: Path, tokenizer_dir: Path, seed: int = 0
     wanted = {"shape": shape, "seed": seed, "dtype": dtype, "tokenizer": tok_hash, **spec}
     if stamp.exists() and json.loads(stamp.read_text()) == wanted:
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = config.pad_token_id
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
+    save_random_qwen2(
+        out,
+        tok,
+        seed=seed,
+        dtype=getattr(torch, dtype),
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        head_dim=spec["hidden_size"] // spec["num_attention_heads"],
+        bos_token_id=None,
+        **spec,
+    )
     stamp.write_text(json.dumps(wanted))
-    del model
     return out
 
 

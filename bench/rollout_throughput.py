@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import SHAPES, load_avg, machine, tiny_dir  # noqa: E402  (bench/ is on sys.path when a script runs)
 from common import build_random_qwen2 as build_shared_shape  # noqa: E402
 
+from lightning_tina.policy import TINA_TARGET_MODULES  # noqa: E402
 from lightning_tina.rollout.base import SamplingConfig  # noqa: E402
 from lightning_tina.rollout.vllm import VLLMConfig, VLLMEngine  # noqa: E402
 from lightning_tina.rollout.vllm_worker import install_cpu_single_lora_fast_path  # noqa: E402
@@ -63,14 +64,16 @@ VLLM_ENGINES = {
     "vllm-plain": "lora",
     "vllm-merged": "merged",
 }  # engine -> VLLMConfig.weight_sync
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS = TINA_TARGET_MODULES
 
 
 def build_random_qwen2(preset: str, out: Path, dtype: torch.dtype, layers: int | None = None) -> None:
     """Save a random-weight Qwen2 of the given shape (optionally fewer layers, for smoke tests) and a word-level
     tokenizer covering its whole vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
+
+    from lightning_tina.tiny.random_model import save_random_qwen2
 
     shape = dict(PRESETS[preset])
     if layers is not None:
@@ -79,13 +82,8 @@ def build_random_qwen2(preset: str, out: Path, dtype: torch.dtype, layers: int |
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     eos = shape["vocab_size"] - 1
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{eos}", pad_token="t0").save_pretrained(out)
-    config = Qwen2Config(**shape, eos_token_id=eos, pad_token_id=0)
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(dtype)
-    model.save_pretrained(out)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{eos}", pad_token="t0")
+    save_random_qwen2(out, fast, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu", **shape)
 
 
 def lora_policy(model_path: str, rank: int, dtype: torch.dtype) -> torch.nn.Module:

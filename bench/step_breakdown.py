@@ -68,16 +68,13 @@ def prompt_batches(module: Any, args: argparse.Namespace, n_steps: int) -> list[
     from lightning_tina.types import PromptBatch
 
     rows = common.bench_rows(args.prompts * n_steps, args.seed)
-    texts, ids = common.render_prompts(module.tokenizer, rows)
+    _, ids = common.render_prompts(module.tokenizer, rows)
     if args.prompt_tokens:
         g = torch.Generator().manual_seed(args.seed)
         high = len(module.tokenizer)
         ids = torch.randint(3, high, (len(rows), args.prompt_tokens), generator=g).tolist()  # [B*steps, P]
     p = args.prompts
-    return [
-        PromptBatch(prompt_ids=ids[i : i + p], prompts=texts[i : i + p], rows=rows[i : i + p])
-        for i in range(0, len(rows), p)
-    ]
+    return [PromptBatch(prompt_ids=ids[i : i + p], rows=rows[i : i + p]) for i in range(0, len(rows), p)]
 
 
 def synthetic_rollouts(module: Any, args: argparse.Namespace, step: int) -> Any:

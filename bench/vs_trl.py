@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=["float32", "bfloat16"],
         help="the frozen base weights of both tools (Tina loads bfloat16; LoRA weights stay float32)",
     )
-    p.add_argument("--tiny-dir", default=None, help="the tiny model (default data/tiny, else /tmp/tiny_exp1)")
+    p.add_argument("--tiny-dir", default=None, help="the tiny model (default data/tiny)")
     p.add_argument(
         "--workdir",
         default=str(Path(tempfile.gettempdir()) / "lightning_tina_bench"),

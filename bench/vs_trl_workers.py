@@ -50,11 +50,9 @@ def run_lightning_tina(args: argparse.Namespace) -> dict[str, Any]:
     from lightning_tina.types import PromptBatch
 
     n_steps = args.warmup + args.steps
-    tok, rows, texts, ids = _prompt_data(args.model, n_steps, args.seed)
+    tok, rows, _, ids = _prompt_data(args.model, n_steps, args.seed)
     batches = [
-        PromptBatch(
-            prompt_ids=ids[i : i + PROMPTS], prompts=texts[i : i + PROMPTS], rows=rows[i : i + PROMPTS]
-        )
+        PromptBatch(prompt_ids=ids[i : i + PROMPTS], rows=rows[i : i + PROMPTS])
         for i in range(0, len(rows), PROMPTS)
     ]
     n = PROMPTS * GENERATIONS

@@ -17,38 +17,44 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 
+from lightning_tina.callbacks._period import train_step_period
 from lightning_tina.policy import full_trainable_state
 
 META_FILE = "lightning_tina.json"
 
 
 class AdapterCheckpoint(Checkpoint):
-    """Save the adapter every `every_n_steps` optimizer steps and at the end of fit.
+    """Save the adapter every `every_n_train_steps` optimizer steps and at the end of fit.
 
     A Checkpoint subclass, so Lightning runs it after the other callbacks (a fresh benchmark score can be monitored).
 
     Args:
         dirpath: folder for the checkpoints; None puts them in the logger's run folder under `adapters/`.
-        every_n_steps: save period in optimizer steps (0: only at the end).
+        every_n_train_steps: save period in optimizer steps (0: only at the end; the CLI's
+            checkpoint.every_n_train_steps sets it for a recipe).
         keep_last: keep this many most recent checkpoints (0 keeps all).
         monitor: a logged metric (e.g. "bench/aime24/pass@1") to keep the best checkpoints by; None: no best-K.
         mode: "max" or "min" for `monitor`.
         keep_best: keep this many best checkpoints by `monitor`, besides the last ones.
+        every_n_steps: the old name of every_n_train_steps (still accepted, with a warning).
     """
 
     def __init__(
         self,
         dirpath: str | None = None,
-        every_n_steps: int = 50,
+        every_n_train_steps: int | None = None,
         keep_last: int = 3,
         monitor: str | None = None,
         mode: str = "max",
         keep_best: int = 1,
+        every_n_steps: int | None = None,
     ) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"AdapterCheckpoint mode must be 'max' or 'min', got {mode!r}")
         self.dirpath = dirpath
-        self.every_n_steps = every_n_steps
+        self.every_n_train_steps = train_step_period(
+            "AdapterCheckpoint", every_n_train_steps, every_n_steps, 50
+        )
         self.keep_last = keep_last
         self.monitor = monitor
         self.mode = mode
@@ -104,14 +110,17 @@ class AdapterCheckpoint(Checkpoint):
         self.saved = [sv for sv in self.saved if sv[0] in keep]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        if self._due(trainer):
             self.save(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # decided from the step alone, never from `saved` (kept on rank 0 only): under FSDP2 every rank must
         # enter save() together, because it gathers the sharded adapter
-        if not (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
+        if not self._due(trainer):
             self.save(trainer, pl_module)
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        return bool(self.every_n_train_steps) and trainer.global_step % self.every_n_train_steps == 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"saved": self.saved}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from lightning_tina.benchmarks import Benchmark, load_benchmarks
-from lightning_tina.evaluate import EvalResult, evaluate, write_results
+from lightning_tina.callbacks._period import train_step_period
+from lightning_tina.cost import BENCH_SECONDS
+from lightning_tina.evaluate import EvalResult, evaluate, percent, write_results
 from lightning_tina.rollout.base import SamplingConfig
 
 _TINA_EVAL_SAMPLING = SamplingConfig(max_new_tokens=96, temperature=0.6, top_p=0.95, seed=0)
@@ -20,7 +23,7 @@ _TINA_EVAL_SAMPLING = SamplingConfig(max_new_tokens=96, temperature=0.6, top_p=0
 
 
 class BenchmarkEval(L.Callback):
-    """Evaluate through the rollout engine (the one RolloutCallback owns) and log `bench/<name>/pass@1` and friends.
+    """Evaluate through the module's rollout source and log `bench/<name>/pass@1` and friends.
 
     Args:
         benchmarks: registry names (see lightning_tina.benchmarks), e.g. [tiny_heldout] or [aime24, math500].
@@ -28,10 +31,11 @@ class BenchmarkEval(L.Callback):
         limit: keep the first `limit` problems of each benchmark (None: all).
         k: samples per problem; pass@1 is their mean, with its standard error, and pass@k is unbiased.
         sampling: the evaluation protocol (Tina: temperature 0.6, top_p 0.95; its max_new_tokens is 32,768).
-        every_n_steps: also evaluate after every N optimizer steps (0: only before and after training).
+        every_n_train_steps: also evaluate after every N optimizer steps (0: only before and after training).
         before: evaluate once before the first step, so the end-of-fit table shows before and after.
         strict: grade with the strict checker (True) or reproduce Tina's lenient lighteval verdicts (False).
         out_dir: if set, write results.json / results.md / samples.jsonl there after the last evaluation.
+        every_n_steps: the old name of every_n_train_steps (still accepted, with a warning).
     """
 
     def __init__(
@@ -41,22 +45,24 @@ class BenchmarkEval(L.Callback):
         limit: int | None = None,
         k: int = 4,
         sampling: SamplingConfig = _TINA_EVAL_SAMPLING,
-        every_n_steps: int = 0,
+        every_n_train_steps: int | None = None,
         before: bool = True,
         strict: bool = True,
         out_dir: str | None = None,
+        every_n_steps: int | None = None,
     ) -> None:
         self.names = list(benchmarks)
         self.data_dir = data_dir
         self.limit = limit
         self.k = k
         self.sampling = replace(sampling)
-        self.every_n_steps = every_n_steps
+        self.every_n_train_steps = train_step_period("BenchmarkEval", every_n_train_steps, every_n_steps, 0)
         self.before = before
         self.strict = strict
         self.out_dir = out_dir
         self._benchmarks: list[Benchmark] | None = None
         self.history: list[tuple[int, EvalResult]] = []  # (optimizer step, result)
+        self.seconds = 0.0  # wall time of this run's evaluations so far (logged as BENCH_SECONDS)
 
     def _load(self) -> list[Benchmark]:
         if self._benchmarks is None:
@@ -67,15 +73,19 @@ class BenchmarkEval(L.Callback):
         self._load()  # fail on an unknown name or a missing file before any training time is spent
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> EvalResult:
-        """Evaluate now and log at the current step. The training RNG stream is left untouched."""
-        rollout = getattr(pl_module, "rollout", None)
-        if rollout is None:
-            raise RuntimeError(
-                "BenchmarkEval needs lightning_tina.callbacks.RolloutCallback (the `rollout:` section)"
-            )
-        engine = rollout.current_engine(pl_module)
+        """Evaluate now and log at the current step. The training RNG stream is left untouched.
+
+        Samples through `pl_module.sampler()` (the module's rollout source, as training does). Its wall time is
+        added to the logged `BENCH_SECONDS` total, which CostTracker counts as evaluation."""
+        sampler = getattr(pl_module, "sampler", None)
+        if sampler is None:
+            raise TypeError(f"BenchmarkEval evaluates a GRPOModule, not {type(pl_module).__name__}")
+        t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
-            result = evaluate(engine, pl_module.tokenizer, self._load(), self.sampling, self.k, self.strict)
+            result = evaluate(
+                sampler(), pl_module.tokenizer, self._load(), self.sampling, self.k, self.strict
+            )
+        self.seconds += time.perf_counter() - t0
         step = trainer.global_step
         self.history.append((step, result))
         metrics = result.metrics(prefix="bench")
@@ -83,6 +93,7 @@ class BenchmarkEval(L.Callback):
         if trainer.logger is not None:
             trainer.logger.log_metrics(finite, step=step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in finite.items()})  # monitorable
+        trainer.callback_metrics[BENCH_SECONDS] = torch.tensor(self.seconds, dtype=torch.float64)
         return result
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -91,7 +102,8 @@ class BenchmarkEval(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step < (trainer.max_steps or math.inf):
+        every = self.every_n_train_steps
+        if every and step % every == 0 and step < (trainer.max_steps or math.inf):
             self.run(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -118,13 +130,9 @@ class BenchmarkEval(L.Callback):
             table.add_row(
                 name,
                 str(after.problems),
-                _pct(before.pass_at_1, before.stderr),
-                _pct(after.pass_at_1, after.stderr),
+                percent(before.pass_at_1, before.stderr, decimals=1),
+                percent(after.pass_at_1, after.stderr, decimals=1),
                 f"{100 * (after.pass_at_1 - before.pass_at_1):+.1f}",
                 f"{100 * before.pass_at.get(self.k, math.nan):.1f} → {100 * after.pass_at.get(self.k, math.nan):.1f}",
             )
         return table
-
-
-def _pct(p: float, se: float) -> str:
-    return f"{100 * p:.1f} ± {100 * se:.1f}" if not math.isnan(se) else f"{100 * p:.1f}"

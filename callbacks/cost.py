@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import lightning as L
 from rich.console import Console
 from rich.table import Table
 
-from lightning_tina.cost import TINA_COST_PER_GPU_HOUR, CostSummary, PhaseLedger, summarize
+from lightning_tina.cost import BENCH_SECONDS, TINA_COST_PER_GPU_HOUR, CostSummary, PhaseLedger, summarize
 
 
 class CostTracker(L.Callback):
     """Price the run like Tina's cost table: training and evaluation, in accelerator-hours and dollars.
 
     Time counts from this callback's `setup` (model loading, engine start-up included) to `teardown`. During `fit`
-    every second is training except the time inside `BenchmarkEval.run` and Lightning validation loops, which is
+    every second is training except Lightning validation loops (timed by their hooks) and benchmark evaluations
+    (BenchmarkEval logs their seconds as `time/bench_eval_s`, read here from trainer.callback_metrics), which are
     evaluation; in `validate`/`test` everything is evaluation. Each second costs `devices` accelerators. The
     numbers are logged every optimizer step as `cost/{train,eval,total}_{hours,usd,wall_s}` and printed as a table
     when the run ends.
@@ -48,7 +48,8 @@ class CostTracker(L.Callback):
         self.ledger = PhaseLedger()
         self.summary: CostSummary | None = None
         self._devices = 1
-        self._wrapped: list[Any] = []
+        self._bench_at_setup = 0.0
+        self._trainer: L.Trainer | None = None
 
     # ---- phases --------------------------------------------------------------------------------------------------
 
@@ -56,27 +57,21 @@ class CostTracker(L.Callback):
         self._devices = self.devices_override or (trainer.world_size + self.extra_devices)
         self.ledger.default = "train" if stage == "fit" else "eval"
         self.ledger.start()
-        self._time_benchmark_evals(trainer)
+        self._bench_at_setup = self._bench_seconds(trainer)
 
-    def _time_benchmark_evals(self, trainer: L.Trainer) -> None:
-        """Count every BenchmarkEval.run as evaluation (wrapped on the instance; undone in teardown)."""
-        from lightning_tina.callbacks.benchmark import BenchmarkEval
+    @staticmethod
+    def _bench_seconds(trainer: L.Trainer) -> float:
+        value = getattr(trainer, "callback_metrics", {}).get(BENCH_SECONDS)
+        return float(value) if value is not None else 0.0
 
-        for cb in trainer.callbacks:
-            if isinstance(cb, BenchmarkEval) and "run" not in vars(cb):
-                cb.run = self._timed(cb.run)
-                self._wrapped.append(cb)
-
-    def _timed(self, fn: Any) -> Any:
-        @functools.wraps(fn)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            self.ledger.enter("eval")
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.ledger.exit("eval")
-
-        return timed
+    def _seconds(self, trainer: L.Trainer) -> dict[str, float]:
+        """Seconds per phase so far: the ledger's, with benchmark time moved from training to evaluation."""
+        seconds = self.ledger.elapsed()
+        moved = self._bench_seconds(trainer) - self._bench_at_setup
+        if self.ledger.default == "train":
+            seconds["train"] -= moved
+            seconds["eval"] += moved
+        return seconds
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.ledger.enter("eval")
@@ -86,21 +81,18 @@ class CostTracker(L.Callback):
 
     # ---- reporting -----------------------------------------------------------------------------------------------
 
-    def current(self) -> CostSummary:
+    def current(self, trainer: L.Trainer) -> CostSummary:
         """The cost so far."""
-        return summarize(self.ledger.elapsed(), self._devices, self.cost_per_gpu_hour)
+        return summarize(self._seconds(trainer), self._devices, self.cost_per_gpu_hour)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        pl_module.log_dict(self.current().metrics(), on_step=True, on_epoch=False)
+        pl_module.log_dict(self.current(trainer).metrics(), on_step=True, on_epoch=False)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.ledger.stop()
-        for cb in self._wrapped:
-            del cb.run  # the class's own method again
-        self._wrapped.clear()
-        self.summary = summarize(self.ledger.seconds, self._devices, self.cost_per_gpu_hour)
+        self.summary = summarize(self._seconds(trainer), self._devices, self.cost_per_gpu_hour)
         if trainer.logger is not None:
             trainer.logger.log_metrics(self.summary.metrics(), step=trainer.global_step)
         if trainer.is_global_zero:
@@ -108,8 +100,13 @@ class CostTracker(L.Callback):
 
     # ---- resume --------------------------------------------------------------------------------------------------
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._trainer = trainer  # state_dict (called by checkpointing) reads the benchmark seconds through it
+
     def state_dict(self) -> dict[str, Any]:
-        return {"seconds": self.ledger.elapsed()}
+        return {
+            "seconds": self._seconds(self._trainer) if self._trainer is not None else self.ledger.elapsed()
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for phase, s in state_dict.get("seconds", {}).items():

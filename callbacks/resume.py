@@ -30,7 +30,7 @@ class ResumeCheckpoint(ModelCheckpoint):
     def __init__(
         self,
         dirpath: str | None = None,
-        every_n_train_steps: int = 50,
+        every_n_train_steps: int | None = 50,
         save_last: bool = True,
         save_top_k: int = 0,
         **kwargs: Any,
@@ -44,6 +44,10 @@ class ResumeCheckpoint(ModelCheckpoint):
         )
         self._interrupted = False
         self._previous_sigint: Any = None
+
+    def set_period(self, every_n_train_steps: int) -> None:
+        """Save every this many optimizer steps (the CLI's checkpoint.resume_every_n_train_steps)."""
+        self._every_n_train_steps = every_n_train_steps
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         tmp = f"{filepath}.tmp"

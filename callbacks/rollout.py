@@ -1,4 +1,4 @@
-"""RolloutCallback: owns the rollout engine, keeps it in sync with the policy, and times generation."""
+"""RolloutCallback: gives the module its rollout source (an engine kept in sync with the policy) and times it."""
 
 from __future__ import annotations
 
@@ -9,16 +9,20 @@ from typing import Any
 import lightning as L
 import torch
 
+from lightning_tina.grpo import GRPOSettings
 from lightning_tina.rank_state import gather_ranks, own_rank
-from lightning_tina.rollout import EngineName, RolloutEngine, VLLMConfig, make_engine
+from lightning_tina.rollout import EngineName, RolloutEngine, VLLMConfig
 from lightning_tina.rollout.base import SamplingConfig
-from lightning_tina.rollout.batch import make_rollouts
-from lightning_tina.rollout.vllm import engine_logprobs_mode
-from lightning_tina.types import Generation, PromptBatch, Rollouts
+from lightning_tina.rollout.source import EngineRollouts
+from lightning_tina.rollout.vllm import VLLMEngine, check_logprob_drift, engine_logprobs_mode
 
 
 class RolloutCallback(L.Callback):
-    """Samples the training rollouts of each step from the current policy.
+    """Connects an engine-backed rollout source to the module and runs its lifecycle.
+
+    The module samples through the source it is given (`GRPOModule.connect_rollouts`, typed `RolloutSource`); this
+    callback creates that source, logs its timings every step, closes its engine at teardown and checkpoints the
+    sampling RNG. No other callback talks to it: BenchmarkEval samples through `pl_module.sampler()`.
 
     Args:
         engine: "hf" (generate on the live policy), "vllm" (colocated vLLM serving the adapter), or "auto"
@@ -35,82 +39,30 @@ class RolloutCallback(L.Callback):
         num_generations: int = 8,
         vllm: VLLMConfig = VLLMConfig(),
     ) -> None:
-        self.engine_name = engine
-        self.sampling = replace(sampling)  # a copy: defaults are shared instances
+        # copies: the defaults are shared instances
+        self.source = EngineRollouts(engine, replace(sampling), num_generations, replace(vllm))
+        self.sampling = self.source.sampling  # the same object: what training samples with
         self.num_generations = num_generations
-        self.vllm = replace(vllm)
-        self.engine: RolloutEngine | None = None
-        self._synced_version = -1
-        self._perf: dict[str, float] = {}
-        self._restored_rng: torch.Tensor | None = (
-            None  # applied right before the first rollout after a resume
-        )
+        self._restored_rng: torch.Tensor | None = None  # set by a resume, applied before the first rollout
         self._step_start: float | None = None
 
-    # The module finds its engine through this registration.
+    @property
+    def engine(self) -> RolloutEngine | None:
+        """The source's engine (None until first use); assignable, e.g. to replay recorded generations."""
+        return self.source.engine
+
+    @engine.setter
+    def engine(self, engine: RolloutEngine | None) -> None:
+        self.source.engine = engine
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        pl_module.rollout = self
-        grpo = getattr(pl_module, "grpo", None)
-        if grpo is not None:
-            if grpo.num_generations != self.num_generations:
-                raise ValueError(
-                    f"rollout.num_generations={self.num_generations} differs from model.grpo.num_generations="
-                    f"{grpo.num_generations}; set it once in model.grpo (the CLI links the two)"
-                )
-            if abs(grpo.temperature - self.sampling.temperature) > 1e-9:
-                raise ValueError(
-                    f"model.grpo.temperature={grpo.temperature} differs from rollout.sampling.temperature="
-                    f"{self.sampling.temperature}: log-probs would be computed for another distribution"
-                )
-            mode = engine_logprobs_mode(grpo.logprob_temperature, grpo.temperature)
-            if self.vllm.engine_logprobs != mode:
-                raise ValueError(
-                    f"rollout.vllm.engine_logprobs={self.vllm.engine_logprobs!r} but model.grpo.logprob_temperature="
-                    f"{grpo.logprob_temperature} needs {mode!r} for the engine's log-probs to match the trainer's; "
-                    "set it once in model.grpo (the CLI links the two)"
-                )
-
-    def current_engine(self, pl_module: L.LightningModule) -> RolloutEngine:
-        """The engine, created on first use and synced to the policy's current version."""
-        if self.engine is None:
-            self.engine = make_engine(
-                self.engine_name,
-                model_name=pl_module.model_name,
-                policy=pl_module._require_policy(),
-                tokenizer=pl_module.tokenizer,
-                dtype=pl_module.dtype_name,
-                lora_rank=pl_module.lora.r,
-                vllm=self.vllm,
-            )
-        if self._synced_version != pl_module.policy_version:
-            t0 = time.perf_counter()
-            self.engine.sync(pl_module.policy, pl_module.policy_version)
-            self._perf["perf/sync_s"] = time.perf_counter() - t0
-            self._synced_version = pl_module.policy_version
-        return self.engine
-
-    def sample(
-        self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig, pl_module: L.LightningModule
-    ) -> list[Generation]:
-        """n completions per prompt from the current policy (group-major)."""
-        try:
-            return self.current_engine(pl_module).generate(prompt_ids, n, sampling)
-        except torch.OutOfMemoryError as err:
-            raise torch.OutOfMemoryError(
-                f"out of memory while generating {len(prompt_ids)} prompts x {n} completions of up to "
-                f"{sampling.max_new_tokens} tokens. Lower model.grpo.batch_size (fewer prompts per step), "
-                "rollout.sampling.max_new_tokens, rollout.vllm.max_num_seqs or rollout.vllm.gpu_memory_utilization "
-                "(the trainer and vLLM share the GPU), or enable rollout.vllm.enable_sleep_mode"
-            ) from err
-
-    def rollouts_for(self, batch: PromptBatch, pl_module: L.LightningModule) -> Rollouts:
-        """The training rollouts of one step: G completions for each prompt of the batch, padded."""
-        t0 = time.perf_counter()
-        gens = self.sample(batch.prompt_ids, self.num_generations, self.sampling, pl_module)
-        dt = time.perf_counter() - t0
-        tokens = sum(len(g.token_ids) for g in gens)
-        self._perf["perf/rollout_tokens_per_s"] = tokens / max(dt, 1e-9)
-        return make_rollouts(batch, gens, self.num_generations, pl_module.tokenizer)
+        connect = getattr(pl_module, "connect_rollouts", None)
+        if connect is None:
+            raise TypeError(f"RolloutCallback drives a GRPOModule, not {type(pl_module).__name__}")
+        settings = getattr(pl_module, "grpo", None)
+        if settings is not None:
+            _check_links(settings, self.source)
+        connect(self.source)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size > 1 and self._restored_rng is None:
@@ -125,26 +77,39 @@ class RolloutCallback(L.Callback):
             self._restored_rng = None
         now = time.perf_counter()
         if self._step_start is not None:
-            self._perf["perf/step_s"] = now - self._step_start
+            self.source.perf["perf/step_s"] = now - self._step_start
         self._step_start = now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._perf:
-            pl_module.log_dict({k: torch.tensor(v) for k, v in self._perf.items()}, on_step=True)
-            self._perf.pop("perf/sync_s", None)
+        perf = self.source.perf
+        if perf:
+            pl_module.log_dict({k: torch.tensor(v) for k, v in perf.items()}, on_step=True)
+            perf.pop("perf/sync_s", None)
+        self._check_freshness(trainer)
+
+    def _check_freshness(self, trainer: L.Trainer) -> None:
+        """On GPU, stop when the engine's log-probs drift from the trainer's (rollout.vllm.max_logprob_diff).
+
+        Reads the step's logged engine/logprob_diff_mean; the largest over the ranks decides, so that every rank
+        raises together (one rank raising alone would leave the others waiting in the next collective)."""
+        engine = self.source.engine
+        diff = trainer.callback_metrics.get("engine/logprob_diff_mean")
+        if not isinstance(engine, VLLMEngine) or not engine.on_gpu or diff is None:
+            return
+        worst = trainer.strategy.reduce(
+            diff.detach().float().to(trainer.strategy.root_device), reduce_op="max"
+        )
+        check_logprob_drift(float(worst), self.source.vllm.max_logprob_diff, on_gpu=True)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
-            self._synced_version = -1
+        self.source.close()
 
     def state_dict(self) -> dict[str, Any]:
         # The sampling RNG at the end of the last step (each rank's), so that a resumed run draws the same rollouts.
         return gather_ranks(
             {
                 "sampling": asdict(self.sampling),
-                "engine": self.engine_name,
+                "engine": self.source.engine_name,
                 "torch_rng": torch.get_rng_state(),
             }
         )
@@ -152,3 +117,24 @@ class RolloutCallback(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         rng = own_rank(state_dict).get("torch_rng")
         self._restored_rng = rng.clone() if isinstance(rng, torch.Tensor) else None
+
+
+def _check_links(settings: GRPOSettings, source: EngineRollouts) -> None:
+    """The values the CLI links from model.grpo must agree when the classes are built by hand."""
+    if settings.num_generations != source.group_size:
+        raise ValueError(
+            f"rollout.num_generations={source.group_size} differs from model.grpo.num_generations="
+            f"{settings.num_generations}; set it once in model.grpo (the CLI links the two)"
+        )
+    if abs(settings.temperature - source.sampling.temperature) > 1e-9:
+        raise ValueError(
+            f"model.grpo.temperature={settings.temperature} differs from rollout.sampling.temperature="
+            f"{source.sampling.temperature}: log-probs would be computed for another distribution"
+        )
+    mode = engine_logprobs_mode(settings.logprob_temperature, settings.temperature)
+    if source.vllm.engine_logprobs != mode:
+        raise ValueError(
+            f"rollout.vllm.engine_logprobs={source.vllm.engine_logprobs!r} but model.grpo.logprob_temperature="
+            f"{settings.logprob_temperature} needs {mode!r} for the engine's log-probs to match the trainer's; "
+            "set it once in model.grpo (the CLI links the two)"
+        )

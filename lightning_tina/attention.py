@@ -1,8 +1,8 @@
 """Attention for CPU runs: the plain matmul-softmax kernel for small score tensors, SDPA for large ones.
 
 On CPU, PyTorch's SDPA (its flash kernel for CPU) is slower than two matmuls and a softmax for the short sequences
-of a laptop run: measured on the 2-core CI machine, the GRPO training passes of an 18M Qwen2 (32 sequences of 95
-tokens) took 18% less time in bf16 autocast and 4% less in float32 with the plain kernel (bench/README.md). The plain
+of a laptop run (measured on the GRPO training passes of an 18M Qwen2: bench/README.md, section "`vs_trl.py`",
+the results "before the hand-written log-prob backward", which introduced the size-adaptive CPU attention). The plain
 kernel materializes the [batch, heads, queries, keys] scores, so it is used only while they stay below
 `PLAIN_MAX_SCORE_BYTES`; longer sequences (Tina's 4k-token completions) keep SDPA. Both kernels compute the same
 attention (the softmax in float32), with the same additive mask.
@@ -32,9 +32,17 @@ def cpu_attention(
     attention_mask: torch.Tensor | None,  # [b, 1, q, k] additive
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The model's own eager attention when the score tensor is small, transformers' SDPA attention otherwise."""
+    """The model's own eager attention when the score tensor is small, transformers' SDPA attention otherwise.
+
+    A packed row (lightning_tina/packing.py) comes with its segments: each is computed on its own keys, so the
+    work and the score tensors are those of the sequences, not of the whole row."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    segments = kwargs.pop("packed_segments", None)
+    if segments is not None:
+        from lightning_tina.packing import segment_attention
+
+        return segment_attention(module, query, key, value, segments, cpu_attention, **kwargs)
     b, heads, q, _ = query.shape
     if b * heads * q * key.shape[-2] * 4 <= PLAIN_MAX_SCORE_BYTES:
         return _eager_for(module)(module, query, key, value, attention_mask, **kwargs)

@@ -24,6 +24,11 @@ TINA_COST_PER_GPU_HOUR = 1.0
 """Tina's price assumption: about $1 per L40S GPU-hour."""
 
 
+BENCH_SECONDS = "time/bench_eval_s"
+"""Logged by BenchmarkEval: wall seconds of its evaluations in this process so far. CostTracker reads it (from
+trainer.callback_metrics) to count that time as evaluation; no callback calls the other."""
+
+
 def accelerator_hours(wall_seconds: float, devices: int) -> float:
     """Accelerator-hours of `devices` held for `wall_seconds`: seconds * devices / 3600."""
     if wall_seconds < 0 or not math.isfinite(wall_seconds):

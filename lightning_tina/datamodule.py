@@ -25,6 +25,7 @@ from lightning_tina.data_sources import (
     system_prompt_for,
     validate_head,
 )
+from lightning_tina.data_sources.registry import GoldRule
 from lightning_tina.prompts import render_prompt, resolve_system_prompt
 from lightning_tina.rank_state import gather_ranks, own_rank
 from lightning_tina.types import PromptBatch
@@ -46,6 +47,11 @@ class ReasoningDataModule(L.LightningDataModule):
         tokenizer: tokenizer directory or hub id; linked from model.model by the CLI.
         prompts_per_step: prompts per optimizer step (B); linked as model.grpo.batch_size / num_generations.
         max_prompt_length: prompts longer than this many tokens are dropped and counted, never cut.
+        gold: where a training row's gold comes from: "answer" (a bare answer, else the last \\boxed{} of a worked
+            solution) or "tina" (Tina's grpo.py: the worked `solution` verbatim when the dataset has one, else
+            `$answer$`; see DataSource.gold). Held-out rows always use "answer".
+        drop_unparseable_gold: drop (and count) training rows whose gold math-verify cannot read. False keeps
+            them, as Tina did: their accuracy-type rewards are then None and the other rewards still train.
         streaming: read lazily (hub streaming or line by line) with a shuffle buffer instead of a full permutation.
         shuffle_buffer: rows in the streaming shuffle buffer.
         seed: order of the rows (and the tiny task's generator).
@@ -66,6 +72,8 @@ class ReasoningDataModule(L.LightningDataModule):
         tokenizer: str = "data/tiny",
         prompts_per_step: int = 8,
         max_prompt_length: int = 512,
+        gold: GoldRule = "answer",
+        drop_unparseable_gold: bool = True,
         streaming: bool = False,
         shuffle_buffer: int = 1000,
         seed: int = 0,
@@ -84,6 +92,8 @@ class ReasoningDataModule(L.LightningDataModule):
         self.tokenizer_name = tokenizer
         self.prompts_per_step = prompts_per_step
         self.max_prompt_length = max_prompt_length
+        self.gold: GoldRule = gold
+        self.drop_unparseable_gold = drop_unparseable_gold
         self.streaming = streaming
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
@@ -108,12 +118,12 @@ class ReasoningDataModule(L.LightningDataModule):
         if stage in (None, "fit") and self.source != TINY_SOURCE and self.entry is None:
             self.entry = self._resolve(self.source)
             head = list(itertools.islice(self._raw(self.entry, epoch=0, skip=0), self.validate_rows))
-            validate_head(self.entry, head)
+            validate_head(self.entry, head, check_answer=self.drop_unparseable_gold)
         render_prompt(
             self.tokenizer, "check", None, self.chat_template
         )  # no chat template: fail before training
 
-    def _resolve(self, name: str) -> DatasetEntry:
+    def _resolve(self, name: str, gold: GoldRule | None = None) -> DatasetEntry:
         return resolve(
             DataSource(
                 name=name,
@@ -121,6 +131,7 @@ class ReasoningDataModule(L.LightningDataModule):
                 config=self.config,
                 columns=self.columns,
                 system_prompt=self.system_prompt,
+                gold=self.gold if gold is None else gold,
             )
         )
 
@@ -158,7 +169,13 @@ class ReasoningDataModule(L.LightningDataModule):
                 pos = self.rows_in_epoch
                 self.rows_in_epoch += 1
                 try:
-                    yield normalize(self.entry, raw, rng=row_rng(self.seed, self.epoch, pos), index=pos)
+                    yield normalize(
+                        self.entry,
+                        raw,
+                        rng=row_rng(self.seed, self.epoch, pos),
+                        index=pos,
+                        check_answer=self.drop_unparseable_gold,
+                    )
                 except RowError as err:
                     self.skipped[err.kind] += 1
             if self.rows_in_epoch == 0:
@@ -191,7 +208,7 @@ class ReasoningDataModule(L.LightningDataModule):
             from lightning_tina.tiny.task import heldout_rows
 
             return heldout_rows(self.val_size)
-        entry = self._resolve(self.val_source)
+        entry = self._resolve(self.val_source, gold="answer")  # graded by the strict checker
         raw = iter_raw_rows(entry, streaming=False, seed=self.seed, shuffle_buffer=1, shuffle=False)
         return [
             normalize(entry, r, rng=row_rng(self.seed, 0, i), index=i)
@@ -206,7 +223,6 @@ class ReasoningDataModule(L.LightningDataModule):
         }  # the stream has just read this batch
         return PromptBatch(
             prompt_ids=ids,
-            prompts=[self.tokenizer.decode(i) for i in ids],
             rows=[r for _, r in items],
             position=position,
         )

@@ -19,11 +19,13 @@ from typing import Any
 
 from lightning_tina.benchmarks import REGISTRY, Benchmark, render, render_text
 from lightning_tina.passk import mean_pass_at_k, pass_at_1, reported_ks
-from lightning_tina.rollout.base import RolloutEngine, SamplingConfig
+from lightning_tina.rollout.base import RolloutEngine, Sampler, SamplingConfig
 
 log = logging.getLogger(__name__)
 
 RESULTS_JSON, RESULTS_MD, SAMPLES_JSONL = "results.json", "results.md", "samples.jsonl"
+DATASET_GRADING = "latex"
+"""The grading mode of training-dataset rows (the accuracy reward's): their `solution` is `$...$` or LaTeX."""
 
 
 @dataclass
@@ -85,6 +87,29 @@ def _check_many(completions: list[str], golds: list[str], mode: str, strict: boo
     return check_many(completions, golds, mode, strict=strict)
 
 
+def decode(tokenizer: Any, token_ids: Sequence[int]) -> str:
+    """A completion's text as graded: special tokens removed (as lighteval decodes)."""
+    return tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def sample_and_grade(
+    sampler: Sampler,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    golds: Sequence[str],
+    mode: str,
+    k: int,
+    sampling: SamplingConfig,
+    strict: bool = True,
+) -> list[bool]:
+    """Sample `k` completions per prompt and grade each against its prompt's gold: correctness, group-major.
+    The decode and grading of `evaluate()`, for prompts that are not a registered benchmark (validate/test)."""
+    gens = sampler.generate(prompt_ids, k, sampling)
+    texts = [decode(tokenizer, g.token_ids) for g in gens]
+    verdicts = _check_many(texts, [golds[i // k] for i in range(len(gens))], mode, strict)
+    return [bool(v.correct) for v in verdicts]
+
+
 def _grade(records: list[dict[str, Any]], strict: bool, key: str = "") -> None:
     """Grade `records` in place (grouped by mode): sets `correct`, `extracted`, `status` (prefixed with `key`)."""
     by_mode: dict[str, list[int]] = {}
@@ -136,8 +161,43 @@ def _bench_seed(seed: int | None, name: str) -> int | None:
     return None if seed is None else (seed + zlib.crc32(name.encode())) % (2**31)
 
 
+def _sample_records(
+    engine: Sampler,
+    tokenizer: Any,
+    bench: Benchmark,
+    sampling: SamplingConfig,
+    k: int,
+    strict: bool,
+    add_special_tokens: bool,
+) -> list[dict[str, Any]]:
+    """Sample `k` completions per problem of `bench`: one ungraded record per sample, group-major."""
+    prompts = [render(p, tokenizer, add_special_tokens=add_special_tokens) for p in bench.problems]
+    texts = [render_text(p, tokenizer) for p in bench.problems]
+    gens = engine.generate(prompts, k, replace(sampling, seed=_bench_seed(sampling.seed, bench.name)))
+    if len(gens) != len(prompts) * k:
+        raise RuntimeError(f"engine returned {len(gens)} generations for {len(prompts)} prompts x k={k}")
+    recs = []
+    for j, g in enumerate(gens):  # group-major: problem j // k, sample j % k
+        p = bench.problems[j // k]
+        recs.append(
+            dict(
+                benchmark=bench.name,
+                problem_id=p.id,
+                sample=j % k,
+                prompt=texts[j // k],
+                completion=decode(tokenizer, g.token_ids),
+                gold=p.gold,
+                mode=p.mode,
+                strict=strict,
+                finish_reason=g.finish_reason,
+                completion_tokens=len(g.token_ids),
+            )
+        )
+    return recs
+
+
 def evaluate(
-    engine: RolloutEngine,
+    engine: Sampler,
     tokenizer: Any,
     benchmarks: Sequence[Benchmark],
     sampling: SamplingConfig,
@@ -161,28 +221,7 @@ def evaluate(
     scores: dict[str, BenchmarkScore] = {}
     for bench in benchmarks:
         t0 = time.perf_counter()
-        prompts = [render(p, tokenizer, add_special_tokens=add_special_tokens) for p in bench.problems]
-        texts = [render_text(p, tokenizer) for p in bench.problems]
-        gens = engine.generate(prompts, k, replace(sampling, seed=_bench_seed(sampling.seed, bench.name)))
-        if len(gens) != len(prompts) * k:
-            raise RuntimeError(f"engine returned {len(gens)} generations for {len(prompts)} prompts x k={k}")
-        recs = []
-        for j, g in enumerate(gens):  # group-major: problem j // k, sample j % k
-            p = bench.problems[j // k]
-            recs.append(
-                dict(
-                    benchmark=bench.name,
-                    problem_id=p.id,
-                    sample=j % k,
-                    prompt=texts[j // k],
-                    completion=tokenizer.decode(g.token_ids, skip_special_tokens=True),
-                    gold=p.gold,
-                    mode=p.mode,
-                    strict=strict,
-                    finish_reason=g.finish_reason,
-                    completion_tokens=len(g.token_ids),
-                )
-            )
+        recs = _sample_records(engine, tokenizer, bench, sampling, k, strict, add_special_tokens)
         _grade(recs, strict)
         if compare_modes:
             _grade(recs, not strict, key="other_")
@@ -228,9 +267,14 @@ def _num(x: float | None) -> float | None:
     return None if x is None or math.isnan(x) else x
 
 
-def _pct(x: float | None) -> str:
-    """A fraction as Tina prints it: percent with two decimals."""
-    return "-" if x is None or math.isnan(x) else f"{100 * x:.2f}"
+def percent(x: float | None, stderr: float | None = None, decimals: int = 2) -> str:
+    """A fraction in percent ("-" when missing), with its standard error when one is given and finite. Tina prints
+    two decimals; the training table prints one."""
+    if x is None or math.isnan(x):
+        return "-"
+    if stderr is None or math.isnan(stderr):
+        return f"{100 * x:.{decimals}f}"
+    return f"{100 * x:.{decimals}f} ± {100 * stderr:.{decimals}f}"
 
 
 def results_table(result: EvalResult, label: str) -> str:
@@ -241,8 +285,8 @@ def results_table(result: EvalResult, label: str) -> str:
         "| Model | " + " | ".join(titles) + " | Avg. |",
         "|---|" + "---:|" * (len(names) + 1),
         f"| {label} | "
-        + " | ".join(_pct(result.scores[n].pass_at_1) for n in names)
-        + f" | {_pct(result.average)} |",
+        + " | ".join(percent(result.scores[n].pass_at_1) for n in names)
+        + f" | {percent(result.average)} |",
         "",
         "pass@1 is the mean over k samples per problem; ± is its standard error over problems (in points).",
         "",
@@ -251,10 +295,10 @@ def results_table(result: EvalResult, label: str) -> str:
     ]
     for n, t in zip(names, titles, strict=True):
         s = result.scores[n]
-        passk = ", ".join(f"@{j} {_pct(v)}" for j, v in s.pass_at.items())
+        passk = ", ".join(f"@{j} {percent(v)}" for j, v in s.pass_at.items())
         lines.append(
-            f"| {t} | {s.problems} | {s.k} | {_pct(s.pass_at_1)} ± {_pct(s.stderr)} | {passk} | "
-            f"{_pct(s.other_pass_at_1)} | {s.correct}/{s.problems * s.k} | {s.truncated} |"
+            f"| {t} | {s.problems} | {s.k} | {percent(s.pass_at_1)} ± {percent(s.stderr)} | {passk} | "
+            f"{percent(s.other_pass_at_1)} | {s.correct}/{s.problems * s.k} | {s.truncated} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -307,11 +351,12 @@ def _parser() -> Any:
 
 def _check_paths(model: str, adapter: str | None) -> None:
     """Fail early, naming the flag, on a model path that does not exist or an adapter that is not one."""
-    looks_local = model.startswith(("/", ".", "~")) or model.count("/") > 1
-    if looks_local and not Path(model).expanduser().is_dir():
-        raise SystemExit(
-            f"--model: no model directory at {model!r} (give a directory or a hub id owner/name)"
-        )
+    from lightning_tina.paths import check_model_path
+
+    try:
+        check_model_path(model, "--model")
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
     if adapter is not None and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
         raise SystemExit(f"--adapter: {adapter!r} is not a PEFT adapter directory (no adapter_config.json)")
 
@@ -331,26 +376,38 @@ def _load_policy(args: Any) -> Any:
 
 
 def _make_engine(args: Any, tokenizer: Any, max_model_len: int) -> tuple[RolloutEngine, str]:
-    """The engine the flags ask for, and its name: "auto" takes vLLM when it is installed, else HF generate."""
+    """The engine the flags ask for (through rollout.make_engine, as training builds its own), and its name: "auto"
+    takes vLLM when it is installed, else HF generate."""
     import torch
 
-    from lightning_tina.rollout.vllm import VLLM_INSTALL_HINT, VLLMConfig, VLLMEngine, vllm_available
+    from lightning_tina.rollout import make_engine
+    from lightning_tina.rollout.hf import HFEngine
+    from lightning_tina.rollout.vllm import VLLM_INSTALL_HINT, VLLMConfig, vllm_available
 
     kind = args.engine if args.engine != "auto" else ("vllm" if vllm_available() else "hf")
     if kind == "vllm" and not vllm_available():
         raise SystemExit(f"--engine vllm: {VLLM_INSTALL_HINT}")
-    if kind == "hf":
-        from lightning_tina.rollout.hf import HFEngine
-
-        model = _load_policy(args).to("cuda" if torch.cuda.is_available() else "cpu")
-        return HFEngine(model, tokenizer, max_batch_prompts=args.batch_prompts), kind
+    policy = None
+    if kind == "hf" or args.adapter is not None:  # HF generates on it; vLLM takes the adapter from it
+        policy = _load_policy(args)
+        if kind == "hf":
+            policy = policy.to("cuda" if torch.cuda.is_available() else "cpu")
     rank = 1
     if args.adapter is not None:
         rank = json.loads((Path(args.adapter).expanduser() / "adapter_config.json").read_text())["r"]
-    cfg = VLLMConfig(max_model_len=max_model_len, seed=args.seed)
-    engine = VLLMEngine(args.model, dtype=args.dtype, max_lora_rank=rank, config=cfg)
-    if args.adapter is not None:  # vLLM serves the base; the adapter goes in as a LoRA, unmerged
-        engine.sync(_load_policy(args), version=1)
+    engine = make_engine(
+        kind,
+        model_name=args.model,
+        policy=policy,
+        tokenizer=tokenizer,
+        dtype=args.dtype,
+        lora_rank=rank,
+        vllm=VLLMConfig(max_model_len=max_model_len, seed=args.seed),
+    )
+    if isinstance(engine, HFEngine):
+        engine.max_batch_prompts = args.batch_prompts
+    elif args.adapter is not None:  # vLLM serves the base; the adapter goes in as a LoRA, unmerged
+        engine.sync(policy, version=1)
     return engine, kind
 
 
@@ -367,14 +424,12 @@ def main(argv: list[str] | None = None) -> EvalResult:
         raise SystemExit(f"--benchmarks: {err}") from None
     _check_paths(args.model, args.adapter)
     benches = load_benchmarks(names, data_dir=args.data_dir, limit=args.limit, seed=args.seed)
-    from transformers import AutoTokenizer
+    from lightning_tina.policy import load_tokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = load_tokenizer(args.model)  # with the pad-token fallback training uses
     except OSError as err:
         raise SystemExit(f"--model: cannot load {args.model!r} as a directory or hub id ({err})") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     longest = max(
         len(render(p, tokenizer, add_special_tokens=args.double_bos)) for b in benches for p in b.problems
     )

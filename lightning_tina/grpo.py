@@ -1,4 +1,14 @@
-"""The GRPO maths as pure functions: advantages, token log-probs, the clipped surrogate, KL and loss aggregation.
+"""GRPO as lightning_tina runs it, as pure functions: advantages, token log-probs, the clipped surrogate, KL, loss.
+
+GRPO (Group Relative Policy Optimization) samples a group of G completions for every prompt, scores each with the
+rewards, and uses the reward minus its group's mean, divided by the group's std, as the advantage of every token of
+that completion: no value model. The loss is PPO's clipped surrogate on the ratio pi / pi_old plus beta times a k3
+estimate of the KL to the reference model (the base model with the adapter disabled), averaged per sequence and
+then over the step's sequences ("grpo", Tina's TRL). On by default: group-normalised advantages, beta 0.04,
+symmetric clipping at 0.2 (inactive with one update per rollout batch, where the ratio is 1). Off by default:
+several updates per rollout batch (num_iterations), clip-higher (epsilon_high), truncated importance sampling of
+engine/trainer mismatch (tis_cap), and the other loss aggregations and advantage scalings (loss_type,
+scale_rewards). GRPOSettings holds these switches and checks each when it is built.
 
 Shapes: N completions (B prompts x G generations, group-major), C completion tokens, T = prompt + completion tokens,
 H hidden size, V vocabulary size. Nothing here touches a model's state or an optimizer, so every function is tested
@@ -13,8 +23,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from lightning_tina.checks import check_fields
+
 AdvantageScale = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+ADVANTAGE_SCALES: tuple[str, ...] = ("group", "batch", "none")
+LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 @dataclass
@@ -72,6 +86,39 @@ class GRPOSettings:
     up to 64 columns) instead of the step's (exact: the dropped columns are padding in every row). When a
     micro-batch holds several groups, groups are first ordered by their longest completion so that similar lengths
     share one. Off only to measure what it saves."""
+
+    def __post_init__(self) -> None:
+        check_fields("model.grpo", self, self._checks())
+        if self.batch_size % self.num_generations:
+            g = self.num_generations
+            raise ValueError(
+                f"model.grpo.batch_size={self.batch_size} is not a multiple of model.grpo.num_generations={g}; "
+                f"set batch_size to a multiple, e.g. {g * max(1, self.batch_size // g)}"
+            )
+
+    def _checks(self) -> list[tuple[str, bool, str]]:
+        """(field, valid, what it must be): one message per field."""
+        return [
+            ("num_generations", self.num_generations >= 2, ">= 2: advantages compare completions of a group"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("micro_batch_size", self.micro_batch_size >= 1, ">= 1"),
+            ("num_iterations", self.num_iterations >= 1, ">= 1"),
+            ("beta", self.beta >= 0, ">= 0 (0 skips the reference)"),
+            ("epsilon_low", 0 <= self.epsilon_low < 1, "in [0, 1)"),
+            ("epsilon_high", self.epsilon_high >= 0, ">= 0"),
+            ("loss_type", self.loss_type in LOSS_TYPES, f"one of {list(LOSS_TYPES)}"),
+            ("scale_rewards", self.scale_rewards in ADVANTAGE_SCALES, f"one of {list(ADVANTAGE_SCALES)}"),
+            ("temperature", self.temperature > 0, "> 0 (the trainer divides logits by it)"),
+            (
+                "logprob_temperature",
+                self.logprob_temperature is None or self.logprob_temperature > 0,
+                "> 0 or null",
+            ),
+            ("max_grad_norm", self.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
+            ("max_nonfinite_updates", self.max_nonfinite_updates >= 0, ">= 0"),
+            ("tis_cap", self.tis_cap is None or self.tis_cap > 0, "> 0 or null"),
+            ("logprob_chunk_tokens", self.logprob_chunk_tokens >= 1, ">= 1"),
+        ]
 
     @property
     def logprob_temp(self) -> float:
@@ -281,12 +328,6 @@ def aggregate_loss(
             raise ValueError("loss_type 'dapo' needs num_tokens, the completion tokens of the whole step")
         return seq_sums.sum() / max(float(num_tokens), 1.0)
     raise ValueError(f"loss_type must be one of grpo, bnpo, dr_grpo, dapo; got {loss_type!r}")
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum(v * m) / max(sum(m), 1): the token mean used for logged statistics."""
-    m = mask.to(values.dtype)
-    return (values * m).sum() / m.sum().clamp(min=1)
 
 
 def truncated_importance_weights(

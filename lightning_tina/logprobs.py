@@ -78,7 +78,8 @@ def completion_logprobs(
 TRIM_MULTIPLE = 64
 """Kept prompt and completion widths are rounded up to a multiple of this many columns, so that a run meets a
 bounded set of tensor shapes: in bf16 on CPU, oneDNN builds (and caches) kernels per matmul shape, and exact widths
-made the tiny model's training passes 30% slower than no trimming at all (bench/README.md)."""
+made the tiny model's training passes slower than no trimming at all (bench/README.md, section "`step_breakdown.py`",
+results "completions of different lengths (`model.grpo.trim_padding`)")."""
 
 
 def trim_unused_columns(

@@ -1,7 +1,11 @@
 """GRPOModule: the LoRA policy, its reference, and one GRPO update per training step.
 
 training_step reads top to bottom as the data flow:
-prompts (the batch) -> rollouts (RolloutCallback's engine) -> rewards -> advantages -> loss -> optimizer step.
+prompts (the batch) -> rollouts (the connected RolloutSource) -> rewards -> advantages -> loss -> optimizer step.
+
+The module gets completions through one typed seam, `RolloutSource` (lightning_tina/rollout/base.py), connected by
+RolloutCallback (an engine) or by a test/harness (`ReplayRollouts`); it offers a source only its public surface
+(`PolicyHandle`: tokenizer, `engine_spec()`, `current_policy()`).
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_tina import grpo
-from lightning_tina.attention import CPU_ATTENTION, register_cpu_attention
-from lightning_tina.fused_norm import install_fused_rms_norm
+from lightning_tina import grpo as objective
+from lightning_tina import patches
+from lightning_tina.evaluate import DATASET_GRADING, sample_and_grade
 from lightning_tina.grpo import GRPOSettings
 from lightning_tina.logprobs import completion_logprobs
 from lightning_tina.optim import OptimSettings, build_optimizer
+from lightning_tina.paths import check_model_path
 from lightning_tina.policy import (
     LoRASettings,
     frozen_reference,
@@ -31,9 +36,10 @@ from lightning_tina.policy import (
     whole,
     wrap_lora,
 )
-from lightning_tina.rewards import RewardSet, RewardSpec
+from lightning_tina.rewards import RewardOutput, RewardSet, RewardSpec
+from lightning_tina.rollout.base import EngineSpec, PolicyHandle, RolloutSource, Sampler, SamplingConfig
 from lightning_tina.rollout.batch import order_groups_by_length
-from lightning_tina.types import GRPOStats, PromptBatch, Rollouts
+from lightning_tina.types import Generation, GRPOStats, LossStats, PromptBatch, Rollouts, StepTimes
 
 
 def _default_rewards() -> list[RewardSpec]:
@@ -42,16 +48,33 @@ def _default_rewards() -> list[RewardSpec]:
 
 @dataclass
 class EvalSettings:
-    """How `validate`/`test` score the policy on the DataModule's held-out prompts."""
+    """How `validate`/`test` score the policy on the DataModule's held-out prompts.
+
+    Args:
+        k: samples per problem; pass@1 is their mean.
+        temperature: sampling temperature (Tina's evaluation: 0.6).
+        top_p: nucleus mass (Tina's evaluation: 0.95).
+        max_new_tokens: longest completion.
+    """
 
     k: int = 4
-    """Samples per problem; pass@1 is their mean."""
     temperature: float = 0.6
-    """Sampling temperature (Tina's evaluation: 0.6)."""
     top_p: float = 0.95
-    """Nucleus mass (Tina's evaluation: 0.95)."""
     max_new_tokens: int = 256
-    """Longest completion."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"model.eval.k={self.k} must be >= 1 (samples per problem)")
+        try:
+            self.sampling()
+        except ValueError as err:  # SamplingConfig's message, with this section's key
+            raise ValueError(str(err).replace("sampling.", "model.eval.", 1)) from None
+
+    def sampling(self) -> SamplingConfig:
+        """These settings as a SamplingConfig."""
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p
+        )
 
 
 class GRPOModule(L.LightningModule):
@@ -93,14 +116,13 @@ class GRPOModule(L.LightningModule):
         self.dtype_name = dtype
         self.attn_implementation = attn_implementation
         self.fused_norm = fused_norm
-        self._validate()
         self.rewards = RewardSet(self.reward_specs)
-        self.tokenizer = load_tokenizer(model)
+        self.tokenizer = load_tokenizer(check_model_path(model, "model.model"))
         self.automatic_optimization = False  # GRPO may take several optimizer steps per rollout batch
         self.strict_loading = False  # checkpoints hold only the trainable (adapter) weights
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None  # only without LoRA
-        self.rollout: Any = None  # the RolloutCallback, which registers itself in its setup()
+        self.rollout_source: RolloutSource | None = None  # see connect_rollouts
         self.policy_version = 0  # bumped after every optimizer step; engines resync on change
         self.nonfinite_steps = 0  # updates skipped because the loss or gradient was NaN/inf
         self.save_hyperparameters(
@@ -114,19 +136,32 @@ class GRPOModule(L.LightningModule):
             }
         )
 
-    def _validate(self) -> None:
-        g = self.grpo
-        if g.num_generations < 2:
-            raise ValueError(
-                "model.grpo.num_generations must be >= 2: advantages compare completions of a group"
+    # ---- the rollout seam (PolicyHandle for the source) ------------------------------------------------------------
+
+    def connect_rollouts(self, source: RolloutSource) -> None:
+        """Take completions from `source` from now on (RolloutCallback does this in its setup; tests and parity
+        harnesses connect a `ReplayRollouts`)."""
+        self.rollout_source = source
+
+    def _source(self, stage: str) -> RolloutSource:
+        if self.rollout_source is None:
+            raise RuntimeError(
+                f"GRPOModule {stage} needs a rollout source: add lightning_tina.callbacks.RolloutCallback to the "
+                "trainer's callbacks (the CLI adds it as the `rollout:` section) or call connect_rollouts"
             )
-        if g.batch_size % g.num_generations:
-            raise ValueError(
-                f"model.grpo.batch_size={g.batch_size} is not a multiple of model.grpo.num_generations="
-                f"{g.num_generations}; set batch_size to a multiple, e.g. {g.num_generations * max(1, g.batch_size // g.num_generations)}"
-            )
-        if g.micro_batch_size < 1 or g.num_iterations < 1:
-            raise ValueError("model.grpo.micro_batch_size and model.grpo.num_iterations must be >= 1")
+        return self.rollout_source
+
+    def sampler(self) -> Sampler:
+        """A Sampler of the current policy through the connected source (validate/test and BenchmarkEval)."""
+        return _BoundSampler(self._source("evaluation"), self)
+
+    def engine_spec(self) -> EngineSpec:
+        """Base model, dtype and adapter rank: what an engine needs to serve this policy."""
+        return EngineSpec(self.model_name, self.dtype_name, self.lora.r)
+
+    def current_policy(self) -> tuple[torch.nn.Module, int]:
+        """The live policy (loaded on first use) and its version, bumped after every optimizer step."""
+        return self._require_policy(), self.policy_version
 
     # ---- model ---------------------------------------------------------------------------------------------------
 
@@ -134,14 +169,10 @@ class GRPOModule(L.LightningModule):
         """Load the base model and wrap it (called by the Trainer; idempotent)."""
         if self.policy is not None:
             return
-        attn = self.attn_implementation
-        if attn is None and not torch.cuda.is_available():
-            attn = CPU_ATTENTION  # faster than SDPA for short CPU sequences (lightning_tina/attention.py)
-        if attn == CPU_ATTENTION:
-            register_cpu_attention()
+        attn = patches.attention_implementation(self.attn_implementation)  # CPU default: lightning_tina's own
         base = load_causal_lm(self.model_name, self.dtype_name, attn)
         if self.fused_norm:
-            install_fused_rms_norm(base)
+            patches.fused_rms_norm(base)
         if self.grpo.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.config.use_cache = False
@@ -175,19 +206,12 @@ class GRPOModule(L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs and entropies of the last `completion_len` tokens of each sequence: ([n, C], [n, C] or None
         without `with_entropy`)."""
-        g = self.grpo
+        s = self.grpo
         return completion_logprobs(
-            model,
-            input_ids,
-            attention_mask,
-            completion_len,
-            group_size=g.num_generations,
-            temperature=g.logprob_temp,
-            chunk_tokens=g.logprob_chunk_tokens,
-            share_prompt=g.share_prompt,
-            with_entropy=with_entropy,
-            trim_padding=g.trim_padding,
-        )
+            model, input_ids, attention_mask, completion_len, with_entropy=with_entropy,
+            group_size=s.num_generations, temperature=s.logprob_temp, chunk_tokens=s.logprob_chunk_tokens,
+            share_prompt=s.share_prompt, trim_padding=s.trim_padding,
+        )  # fmt: skip
 
     @torch.no_grad()
     def _frozen_logprobs(self, rollouts: Rollouts, reference: bool) -> torch.Tensor:
@@ -212,9 +236,9 @@ class GRPOModule(L.LightningModule):
     def ordered_for_micro_batches(self, rollouts: Rollouts) -> Rollouts:
         """With several groups per micro-batch (and trim_padding), whole groups ordered by their longest completion:
         similar lengths then share a micro-batch, so trimming its padding removes more. Otherwise unchanged."""
-        g = self.grpo
-        if g.trim_padding and g.num_generations < g.micro_batch_size < rollouts.input_ids.shape[0]:
-            return order_groups_by_length(rollouts, g.num_generations)
+        s = self.grpo
+        if s.trim_padding and s.num_generations < s.micro_batch_size < rollouts.input_ids.shape[0]:
+            return order_groups_by_length(rollouts, s.num_generations)
         return rollouts
 
     def _micro_batches(self, rollouts: Rollouts) -> list[slice]:
@@ -224,31 +248,79 @@ class GRPOModule(L.LightningModule):
     # ---- training ------------------------------------------------------------------------------------------------
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        if self.rollout is None:
-            raise RuntimeError(
-                "GRPOModule needs lightning_tina.callbacks.RolloutCallback among the trainer's callbacks "
-                "(the CLI adds it as the `rollout:` section)"
-            )
+        s = self.grpo
         t0 = time.perf_counter()
-        rollouts = self.ordered_for_micro_batches(
-            _to_device(self.rollout.rollouts_for(batch, self), self.device)
-        )
+        rollouts = self._source("training").rollouts(batch, self)
+        rollouts = self.ordered_for_micro_batches(_to_device(rollouts, self.device))
         t_rollout = time.perf_counter() - t0
 
-        scores = self.rewards(  # per_function [N, F], total [N]
-            rollouts.completions, rollouts.rows, group_size=self.grpo.num_generations
-        )
-        advantages = grpo.group_advantages(
-            scores.total.to(self.device), self.grpo.num_generations, self.grpo.scale_rewards
+        scores = self.rewards(
+            rollouts.completions, rollouts.rows, group_size=s.num_generations
+        )  # [N, F], [N]
+        advantages = objective.group_advantages(
+            scores.total.to(self.device), s.num_generations, s.scale_rewards
         )  # [N]
         t_reward = time.perf_counter() - t0 - t_rollout
 
-        ref_logps = self._frozen_logprobs(rollouts, reference=True) if self.grpo.beta > 0 else None  # [N, C]
-        old_logps = self._frozen_logprobs(rollouts, reference=False) if self.grpo.num_iterations > 1 else None
+        ref_logps = self._frozen_logprobs(rollouts, reference=True) if s.beta > 0 else None  # [N, C]
+        old_logps = self._frozen_logprobs(rollouts, reference=False) if s.num_iterations > 1 else None
 
-        for _ in range(self.grpo.num_iterations):
-            stats, grad_norm, extra = self._optimizer_step(rollouts, advantages, ref_logps, old_logps)
-        self._log_step(rollouts, scores, advantages, stats, grad_norm, extra, t_rollout, t_reward, t0)
+        for _ in range(s.num_iterations):
+            stats = self._optimizer_step(rollouts, advantages, ref_logps, old_logps)
+        times = StepTimes(t_rollout, t_reward, time.perf_counter() - t0 - t_rollout - t_reward)
+        self._log_step(rollouts, scores, advantages, stats, times)
+
+    def _micro_batch_loss(
+        self,
+        rollouts: Rollouts,
+        sl: slice,
+        advantages: torch.Tensor,
+        ref_logps: torch.Tensor | None,
+        old_logps: torch.Tensor | None,
+        num_tokens: int,
+    ) -> tuple[torch.Tensor, LossStats]:
+        """The loss of rows `sl` (their share of the step loss) and its statistics (sums over their tokens)."""
+        s = self.grpo
+        mask = rollouts.completion_mask  # [N, C]
+        n, c = mask.shape
+        m = mask[sl]  # [n', C]
+        logps, entropy = self.sequence_logprobs(
+            self.policy, rollouts.input_ids[sl], rollouts.attention_mask[sl], c
+        )  # [n', C] each
+        assert entropy is not None  # with_entropy is on by default
+        old = old_logps[sl] if old_logps is not None else logps.detach()  # [n', C]
+        per_token, clip_low, clip_high = objective.clipped_surrogate(
+            logps, old, advantages[sl], s.epsilon_low, s.epsilon_high
+        )  # [n', C]
+        diff_sum = diff_max = tis_sum = 0.0
+        if rollouts.engine_logprobs is not None:
+            diff = (logps.detach() - rollouts.engine_logprobs[sl]).abs() * m  # [n', C]
+            diff_sum, diff_max = float(diff.sum()), float(diff.max())
+            if s.tis_cap is not None:
+                w = objective.truncated_importance_weights(logps, rollouts.engine_logprobs[sl], s.tis_cap)
+                per_token = per_token * w
+                tis_sum = float((w * m).sum())
+        kl = torch.zeros_like(logps)  # [n', C]
+        if ref_logps is not None:
+            kl = objective.k3_kl(logps, ref_logps[sl])
+            per_token = per_token + s.beta * kl
+        budget = self.rollout_source.max_new_tokens if self.rollout_source is not None else c
+        loss = objective.aggregate_loss(
+            per_token, m, s.loss_type, num_sequences=n, num_tokens=num_tokens, max_completion_length=budget
+        )
+        mf = m.float()
+        stats = LossStats(
+            loss=float(loss.detach()),
+            kl=float((kl.detach() * mf).sum()),
+            clip_low=float((clip_low.float() * mf).sum()),
+            clip_high=float((clip_high.float() * mf).sum()),
+            ratio=float((torch.exp(logps.detach() - old) * mf).sum()),
+            entropy=float((entropy * mf).sum()),
+            logprob_diff=diff_sum,
+            logprob_diff_max=diff_max,
+            tis_weight=tis_sum,
+        )
+        return loss, stats
 
     def _optimizer_step(
         self,
@@ -256,126 +328,106 @@ class GRPOModule(L.LightningModule):
         advantages: torch.Tensor,
         ref_logps: torch.Tensor | None,
         old_logps: torch.Tensor | None,
-    ) -> tuple[GRPOStats, torch.Tensor, dict[str, torch.Tensor]]:
-        """One optimizer step over all micro-batches of the rollouts (gradients accumulated)."""
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        g = self.grpo
-        mask = rollouts.completion_mask  # [N, C]
-        n, c = mask.shape
-        num_tokens = int(mask.sum())
-        sums = dict(
-            loss=0.0, kl=0.0, clip_low=0.0, clip_high=0.0, ratio=0.0, entropy=0.0, tis=0.0, mismatch=0.0
-        )
-        mismatch_max = torch.zeros(())
+    ) -> GRPOStats:
+        """One optimizer step over all micro-batches of the rollouts: loop, backward, clip, step."""
+        opt = self.optimizers()
+        num_tokens = int(rollouts.completion_mask.sum())
         opt.zero_grad()
         slices = self._micro_batches(rollouts)
+        parts = []
         for i, sl in enumerate(slices):
-            m = mask[sl]  # [n', C]
-            logps, entropy = self.sequence_logprobs(
-                self.policy, rollouts.input_ids[sl], rollouts.attention_mask[sl], c
-            )  # [n', C] each
-            assert entropy is not None  # with_entropy is on by default
-            old = old_logps[sl] if old_logps is not None else logps.detach()  # [n', C]
-            per_token, clip_low, clip_high = grpo.clipped_surrogate(
-                logps, old, advantages[sl], g.epsilon_low, g.epsilon_high
-            )  # [n', C]
-            if rollouts.engine_logprobs is not None:
-                diff = (logps.detach() - rollouts.engine_logprobs[sl]).abs() * m  # [n', C]
-                sums["mismatch"] += float(diff.sum())
-                mismatch_max = torch.maximum(mismatch_max, diff.max().cpu())
-                if g.tis_cap is not None:
-                    w = grpo.truncated_importance_weights(logps, rollouts.engine_logprobs[sl], g.tis_cap)
-                    per_token = per_token * w
-                    sums["tis"] += float((w * m).sum())
-            kl = torch.zeros_like(logps)  # [n', C]
-            if ref_logps is not None:
-                kl = grpo.k3_kl(logps, ref_logps[sl])
-                per_token = per_token + g.beta * kl
-            loss = grpo.aggregate_loss(
-                per_token,
-                m,
-                g.loss_type,
-                num_sequences=n,
-                num_tokens=num_tokens,
-                max_completion_length=self.rollout.sampling.max_new_tokens if self.rollout else c,
-            )
+            loss, stats = self._micro_batch_loss(rollouts, sl, advantages, ref_logps, old_logps, num_tokens)
             # DDP all-reduces gradients in backward: only in the last micro-batch's backward of the step
             no_sync = i < len(slices) - 1 and self.trainer.world_size > 1
             with self.trainer.strategy.block_backward_sync() if no_sync else contextlib.nullcontext():
                 self.manual_backward(loss)
-            mf = m.float()
-            sums["loss"] += float(loss.detach())
-            sums["kl"] += float((kl.detach() * mf).sum())
-            sums["clip_low"] += float((clip_low.float() * mf).sum())
-            sums["clip_high"] += float((clip_high.float() * mf).sum())
-            sums["ratio"] += float((torch.exp(logps.detach() - old) * mf).sum())
-            sums["entropy"] += float((entropy * mf).sum())
+            parts.append(stats)
+        sums = LossStats.total(parts)
+        grad_norm = self._clip_gradients()
+        self._step_if_finite(grad_norm, sums.loss)
+        return self._step_stats(sums, num_tokens, grad_norm, rollouts.engine_logprobs is not None)
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip the global gradient norm to model.grpo.max_grad_norm; returns the norm before clipping."""
         params = [p for p in self.policy.parameters() if p.grad is not None]
-        max_norm = g.max_grad_norm if g.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()  # before clipping
-        grad_norm = whole(grad_norm).cpu()  # FSDP2: a DTensor (Lightning cannot all-reduce it)
-        if torch.isfinite(grad_norm) and math.isfinite(sums["loss"]):
+        max_norm = self.grpo.max_grad_norm if self.grpo.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+        return whole(grad_norm).cpu()  # FSDP2: a DTensor (Lightning cannot all-reduce it)
+
+    def _step_if_finite(self, grad_norm: torch.Tensor, loss: float) -> None:
+        """Step optimizer and schedule; a NaN/inf update would destroy the adapter, so it is skipped and counted."""
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        if torch.isfinite(grad_norm) and math.isfinite(loss):
             opt.step()
             sched.step()
             self.policy_version += 1
-        else:  # a NaN/inf update would destroy the adapter: skip it and count it
-            self.nonfinite_steps += 1
-            opt.zero_grad()
-            if self.nonfinite_steps > g.max_nonfinite_updates:
-                raise RuntimeError(
-                    f"{self.nonfinite_steps} updates had a NaN/inf loss or gradient (more than "
-                    f"model.grpo.max_nonfinite_updates={g.max_nonfinite_updates}); lower model.optim.lr, use "
-                    "model.dtype float32 or bfloat16 instead of float16, or check the rewards for NaN"
-                )
+            return
+        self.nonfinite_steps += 1
+        opt.zero_grad()
+        limit = self.grpo.max_nonfinite_updates
+        if self.nonfinite_steps > limit:
+            raise RuntimeError(
+                f"{self.nonfinite_steps} updates had a NaN/inf loss or gradient (more than "
+                f"model.grpo.max_nonfinite_updates={limit}); lower model.optim.lr, use "
+                "model.dtype float32 or bfloat16 instead of float16, or check the rewards for NaN"
+            )
+
+    def _step_stats(
+        self, sums: LossStats, num_tokens: int, grad_norm: torch.Tensor, engine: bool
+    ) -> GRPOStats:
+        """Token means of the summed micro-batch statistics."""
         tok = max(num_tokens, 1)
-        stats = GRPOStats(
-            loss=torch.tensor(sums["loss"]),
-            kl=torch.tensor(sums["kl"] / tok),
-            clip_low=torch.tensor(sums["clip_low"] / tok),
-            clip_high=torch.tensor(sums["clip_high"] / tok),
-            ratio_mean=torch.tensor(sums["ratio"] / tok),
+        tis = engine and self.grpo.tis_cap is not None
+        return GRPOStats(
+            loss=sums.loss,
+            kl=sums.kl / tok,
+            clip_low=sums.clip_low / tok,
+            clip_high=sums.clip_high / tok,
+            ratio_mean=sums.ratio / tok,
+            entropy=sums.entropy / tok,
+            grad_norm=float(grad_norm),
+            logprob_diff_mean=sums.logprob_diff / tok if engine else None,
+            logprob_diff_max=sums.logprob_diff_max if engine else None,
+            tis_weight_mean=sums.tis_weight / tok if tis else None,
         )
-        extra = {"entropy": torch.tensor(sums["entropy"] / tok)}
-        if rollouts.engine_logprobs is not None:
-            extra["engine/logprob_diff_mean"] = torch.tensor(sums["mismatch"] / tok)
-            extra["engine/logprob_diff_max"] = mismatch_max
-            if g.tis_cap is not None:
-                extra["engine/tis_weight_mean"] = torch.tensor(sums["tis"] / tok)
-        return stats, grad_norm, extra
 
     def _log_step(
-        self, rollouts, scores, advantages, stats, grad_norm, extra, t_rollout, t_reward, t0
+        self,
+        rollouts: Rollouts,
+        scores: RewardOutput,
+        advantages: torch.Tensor,
+        stats: GRPOStats,
+        times: StepTimes,
     ) -> None:
         lengths = rollouts.completion_mask.sum(-1).float()  # [N]
         metrics: dict[str, Any] = {
             "train/reward": scores.total.mean(),
-            "train/reward_std": scores.total.std() if scores.total.numel() > 1 else torch.tensor(0.0),
+            "train/reward_std": _std(scores.total),
             "train/advantage_mean": advantages.mean(),
-            "train/advantage_std": advantages.std() if advantages.numel() > 1 else torch.tensor(0.0),
+            "train/advantage_std": _std(advantages),
             "train/loss": stats.loss,
             "train/kl": stats.kl,
             "train/clip_low": stats.clip_low,
             "train/clip_high": stats.clip_high,
             "train/ratio_mean": stats.ratio_mean,
-            "train/entropy": extra.pop("entropy"),
+            "train/entropy": stats.entropy,
             "train/completion_length_mean": lengths.mean(),
-            "train/completion_length_max": lengths.max(),
             "train/truncation_rate": rollouts.truncated.float().mean(),
-            "train/grad_norm": grad_norm,
-            "train/nonfinite_skipped": torch.tensor(float(self.nonfinite_steps)),
-            "train/lr": torch.tensor(self.lr_schedulers().get_last_lr()[0]),
-            "perf/rollout_s": torch.tensor(t_rollout),
-            "perf/reward_s": torch.tensor(t_reward),
-            "perf/train_s": torch.tensor(time.perf_counter() - t0 - t_rollout - t_reward),
+            "train/grad_norm": stats.grad_norm,
+            "train/nonfinite_skipped": float(self.nonfinite_steps),
+            "train/lr": self.lr_schedulers().get_last_lr()[0],
+            "perf/rollout_s": times.rollout_s,
+            "perf/reward_s": times.reward_s,
+            "perf/train_s": times.train_s,
         }
+        maxima = {"train/completion_length_max": lengths.max()}
+        if stats.logprob_diff_mean is not None:
+            metrics["engine/logprob_diff_mean"] = stats.logprob_diff_mean
+            maxima["engine/logprob_diff_max"] = stats.logprob_diff_max
+        if stats.tis_weight_mean is not None:
+            metrics["engine/tis_weight_mean"] = stats.tis_weight_mean
         metrics.update(self.rewards.metrics(scores))  # per function: mean, None fraction; checker timeouts
-        metrics.update(extra)
         sync = self.trainer.world_size > 1
-        maxima = {
-            k: metrics.pop(k)
-            for k in ("train/completion_length_max", "engine/logprob_diff_max")
-            if k in metrics
-        }
         self.log_dict(_floats(metrics), on_step=True, sync_dist=sync)  # means over ranks
         self.log_dict(_floats(maxima), on_step=True, sync_dist=sync, reduce_fx="max")
         datamodule = getattr(self._trainer, "datamodule", None)
@@ -438,8 +490,6 @@ class GRPOModule(L.LightningModule):
 
     def _total_optimizer_steps(self) -> int:
         if self.optim.schedule_steps is not None:
-            if self.optim.schedule_steps < 1:
-                raise ValueError(f"model.optim.schedule_steps={self.optim.schedule_steps} must be at least 1")
             return self.optim.schedule_steps
         trainer = self._trainer
         if trainer is None:
@@ -461,27 +511,38 @@ class GRPOModule(L.LightningModule):
     def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def _eval_step(self, batch: PromptBatch, stage: str) -> None:
-        from lightning_tina.checker import check_many
-        from lightning_tina.rollout.base import SamplingConfig
-        from lightning_tina.rollout.batch import decode_completion
+    def _grading(self) -> tuple[str, str]:
+        """(gold field, checker mode) of the `accuracy` reward as configured, so that validate/test read the gold
+        that training rewards; its defaults ("solution", DATASET_GRADING) without one. Grading is strict."""
+        spec = next((r for r in self.reward_specs if r.name == "accuracy"), None)
+        kwargs = spec.kwargs if spec is not None else {}
+        return kwargs.get("gold_field", "solution"), kwargs.get("mode", DATASET_GRADING)
 
-        if self.rollout is None:
-            raise RuntimeError(
-                "validate/test need lightning_tina.callbacks.RolloutCallback (the `rollout:` section)"
-            )
-        s = self.eval_settings
-        sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
-        gens = self.rollout.sample(batch.prompt_ids, s.k, sampling, self)
-        texts = [decode_completion(self.tokenizer, g.token_ids) for g in gens]
-        golds = [batch.rows[i // s.k]["solution"] for i in range(len(gens))]
-        verdicts = check_many(
-            texts, golds, "latex"
-        )  # the accuracy reward's grading (golds are `$...$` or LaTeX)
-        correct = torch.tensor([v.correct for v in verdicts], dtype=torch.float32)
-        per_problem = correct.view(-1, s.k).mean(1)  # [B]
+    def _eval_step(self, batch: PromptBatch, stage: str) -> None:
+        """pass@1 and pass@k on held-out prompts, decoded and graded as `evaluate()` does, with the accuracy
+        reward's gold field and mode."""
+        k = self.eval_settings.k
+        gold_field, mode = self._grading()
+        golds = [row[gold_field] for row in batch.rows]
+        sampling = self.eval_settings.sampling()
+        correct = sample_and_grade(self.sampler(), self.tokenizer, batch.prompt_ids, golds, mode, k, sampling)
+        per_problem = torch.tensor(correct, dtype=torch.float32).view(-1, k).mean(1)  # [B]
         self.log(f"{stage}/pass@1", per_problem.mean(), batch_size=len(batch.rows), prog_bar=True)
-        self.log(f"{stage}/pass@{s.k}", (per_problem > 0).float().mean(), batch_size=len(batch.rows))
+        self.log(f"{stage}/pass@{k}", (per_problem > 0).float().mean(), batch_size=len(batch.rows))
+
+
+class _BoundSampler:
+    """A RolloutSource bound to the module: the `Sampler` that `GRPOModule.sampler()` returns."""
+
+    def __init__(self, source: RolloutSource, policy: PolicyHandle) -> None:
+        self.source, self.policy = source, policy
+
+    def generate(self, prompt_ids, n: int, sampling: SamplingConfig) -> list[Generation]:
+        return self.source.generate(prompt_ids, n, sampling, self.policy)
+
+
+def _std(x: torch.Tensor) -> torch.Tensor:
+    return x.std() if x.numel() > 1 else torch.tensor(0.0)
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, torch.Tensor]:

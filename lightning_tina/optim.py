@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_tina.checks import check_fields
+
 
 @dataclass
 class OptimSettings:
@@ -27,6 +29,25 @@ class OptimSettings:
     schedule_steps: int | None = None
     """Length of the warmup-cosine schedule in optimizer steps; None: trainer.max_steps. Tina's recipes schedule
     over N steps but were stopped at M < N (e.g. open_rs3: 1500 and 850); its configs set both."""
+
+    def __post_init__(self) -> None:
+        check_fields("model.optim", self, self._checks())
+
+    def _checks(self) -> list[tuple[str, bool, str]]:
+        """(field, valid, what it must be): one message per field."""
+        return [
+            ("lr", self.lr >= 0, ">= 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("betas", all(0 <= b < 1 for b in self.betas), "two values in [0, 1)"),
+            ("eps", self.eps > 0, "> 0"),
+            ("warmup_ratio", 0 <= self.warmup_ratio <= 1, "in [0, 1]"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            (
+                "schedule_steps",
+                self.schedule_steps is None or self.schedule_steps >= 1,
+                "at least 1, or null",
+            ),
+        ]
 
 
 def warmup_cosine_factor(step: int, total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> float:

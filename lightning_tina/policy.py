@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lightning_tina.checks import check_fields
 from lightning_tina.fused_lora import install_fused_lora
 
 TINA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -39,6 +40,55 @@ class LoRASettings:
     """Run each adapted linear layer as one autograd function (lightning_tina/fused_lora.py): the same result as
     PEFT's forward with fewer element-wise passes (casts, scale, add) under bf16 autocast. False: PEFT's forward."""
 
+    def __post_init__(self) -> None:
+        check_fields(
+            "model.lora",
+            self,
+            [
+                ("r", self.r >= 1, ">= 1"),
+                ("alpha", self.alpha > 0, "> 0"),
+                ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+                ("target_modules", bool(self.target_modules), "a non-empty list of linear layer names"),
+            ],
+        )
+
+
+_ATTENTION_PACKAGES = {
+    # model.attn_implementation -> (the package it needs, the transformers check that it is usable)
+    "flash_attention_2": ("flash-attn", "is_flash_attn_2_available"),
+    "flash_attention_3": ("flash-attn 3 (flash_attn_interface)", "is_flash_attn_3_available"),
+    "flex_attention": ("torch>=2.5 with flex attention", "is_torch_flex_attn_available"),
+}
+
+
+def check_attention(attn_implementation: str | None) -> None:
+    """Refuse an attention kernel that is not installed here, naming `model.attn_implementation` and the fix.
+
+    "sdpa" (PyTorch's own kernels, flash attention included on CUDA) and "eager" always work; so does None (the
+    library's choice) and lightning_tina's CPU kernel. Kernels from the hub ("kernels-community/...") need the
+    `kernels` package."""
+    if not attn_implementation or attn_implementation in ("sdpa", "eager", "lightning_tina_cpu"):
+        return
+    import transformers.utils as tu
+
+    if attn_implementation in _ATTENTION_PACKAGES:
+        package, check = _ATTENTION_PACKAGES[attn_implementation]
+        fn = getattr(tu, check, None)
+        if fn is None or fn():
+            return  # a transformers without the check: let from_pretrained decide
+        where = "a CUDA GPU and " if not torch.cuda.is_available() else ""
+        raise ImportError(
+            f"model.attn_implementation={attn_implementation!r} needs {where}{package}, which is not installed "
+            f"here. Set model.attn_implementation: sdpa (PyTorch's kernels, nothing to install; the default of "
+            f"configs/tina/base.yaml), or install it (`pip install flash-attn --no-build-isolation` for "
+            f"flash_attention_2, see docs/gpu.md)."
+        )
+    if "/" in attn_implementation and not tu.is_kernels_available():
+        raise ImportError(
+            f"model.attn_implementation={attn_implementation!r} is a kernel from the hub and needs the `kernels` "
+            "package (`pip install kernels`); or set model.attn_implementation: sdpa."
+        )
+
 
 def load_causal_lm(
     name_or_path: str, dtype: str = "float32", attn_implementation: str | None = None
@@ -48,6 +98,7 @@ def load_causal_lm(
 
     if dtype not in _DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    check_attention(attn_implementation)
     kwargs = {"dtype": _DTYPES[dtype]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -8,8 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_tina.checker import GRADING_MODES, Verdict
+from lightning_tina.checker import Grader, Verdict, validate_grading
 from lightning_tina.checker.scope import answer_verdicts
+
+REWARD_GRADINGS: tuple[str, ...] = ("strict", "lighteval", "tina")
+"""Values of a grading reward's ``grading`` kwarg. "strict" (default): the checker's strict mode, the better
+training signal. "lighteval": Tina's evaluation grading (``strict=False``). "tina": the math-verify calls of
+Tina's own reward function of the same name (tina/post_train_hf/rewards.py), quirks included: what the Tina
+recipes select so that they train on Tina's reward values."""
 
 
 def column(columns: dict[str, Any], name: str, reward: str, n: int) -> list[Any]:
@@ -33,12 +39,12 @@ def numbers(columns: dict[str, Any], name: str, reward: str, n: int) -> list[flo
     return [float(v) for v in values]
 
 
-def check_grading(mode: str, timeout_s: float) -> None:
-    """Refuse an unknown grading mode or a non-positive checker time limit."""
-    if mode not in GRADING_MODES:
-        raise ValueError(f"mode={mode!r} is not one of {list(GRADING_MODES)}")
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s={timeout_s!r} must be positive")
+def check_grading(mode: str, timeout_s: float, grading: str = "strict") -> None:
+    """Refuse an unknown grading mode or ``grading`` value, or a non-positive checker time limit."""
+    if grading not in REWARD_GRADINGS:
+        hint = " (the `strict: bool` kwarg became `grading`)" if isinstance(grading, bool) else ""
+        raise ValueError(f"grading={grading!r} is not one of {list(REWARD_GRADINGS)}{hint}")
+    validate_grading(mode, timeout_s)
 
 
 def correctness(
@@ -47,14 +53,27 @@ def correctness(
     reward: str,
     gold_field: str,
     mode: str,
-    strict: bool,
+    grading: str,
     timeout_s: float,
 ) -> list[Verdict]:
-    """One checker verdict per completion against its row's ``gold_field``, in one batched checker call."""
-    check_grading(mode, timeout_s)
+    """One checker verdict per completion against its row's ``gold_field``, in one batched checker call.
+
+    ``grading="tina"`` grades as Tina's reward function did: its accuracy reward's math-verify calls for
+    ``reward="accuracy"``, the calls its length, L1 and cosine rewards share for every other reward.
+    """
+    check_grading(mode, timeout_s, grading)
     # A missing gold (None) must read as "no gold" (reward None), not as the text "None".
     golds = ["" if g is None else str(g) for g in column(columns, gold_field, reward, len(completions))]
-    return answer_verdicts(completions, golds, mode=mode, strict=strict, timeout_s=timeout_s)
+    return answer_verdicts(
+        completions, golds, mode=mode, timeout_s=timeout_s, grader=grader_for(reward, grading)
+    )
+
+
+def grader_for(reward: str, grading: str) -> Grader:
+    """The checker grader that reward ``reward`` uses under ``grading`` (see ``REWARD_GRADINGS``)."""
+    if grading == "tina":
+        return "tina_accuracy" if reward == "accuracy" else "tina_length"
+    return "strict" if grading == "strict" else "lighteval"
 
 
 def is_correct_or_unparsed(verdicts: list[Verdict]) -> list[bool]:

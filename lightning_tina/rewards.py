@@ -13,7 +13,10 @@ length rewards, so the checker stays batched); one registered with ``per_complet
 in one call; any other is called once per group.
 
 Functions that grade answers should call ``checker.scope.answer_verdicts``: it shares verdicts between functions
-within one step and counts checker timeouts for the step's log.
+within one step and counts checker timeouts for the step's log. The grading ones (accuracy, cosine and the length
+rewards) take ``grading``: "strict" (default, the better training signal), "lighteval" (Tina's evaluation
+grading) or "tina" (the math-verify calls of Tina's reward function of the same name, quirks included; the Tina
+recipes select it so that they train on Tina's values, see ``reward_columns.REWARD_GRADINGS``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,12 @@ from typing import Any, Literal, NamedTuple, get_args
 import torch
 
 from lightning_tina.checker.scope import verdict_scope
-from lightning_tina.length_rewards import length_l1_exact_reward, length_l1_max_reward, length_reward
+from lightning_tina.length_rewards import (
+    length_l1_exact_reward,
+    length_l1_max_reward,
+    length_reward,
+    soft_overlong_reward,
+)
 from lightning_tina.reward_columns import correctness
 
 RewardFn = Callable[..., list[float | None]]
@@ -87,15 +95,17 @@ def accuracy_reward(
     *,
     gold_field: str = "solution",
     mode: str = "latex",
-    strict: bool = True,
+    grading: str = "strict",
     timeout_s: float = 5.0,
     **columns: Any,
 ) -> list[float | None]:
     """1.0 if the final answer equals the row's gold (``gold_field``), else 0.0; None if the gold does not parse.
 
     Tina grades against ``solution`` (answers wrapped as ``$...$``), hence LaTeX mode. A checker timeout is 0.0.
+    ``grading="tina"``: Tina's accuracy_reward exactly (boxed answers only, no repair of ``\\frac12``, gold
+    parsed first-match, ``verify(gold, answer)``); ``mode`` does not apply then.
     """
-    verdicts = correctness(completions, columns, "accuracy", gold_field, mode, strict, timeout_s)
+    verdicts = correctness(completions, columns, "accuracy", gold_field, mode, grading, timeout_s)
     return [None if v.status == "gold_unparsed" else float(v.correct) for v in verdicts]
 
 
@@ -150,6 +160,7 @@ for _name, _fn in (
 ):
     _builtin(_name, per_completion=False)(_fn)
 del _name, _fn
+_builtin("soft_overlong")(soft_overlong_reward)
 
 
 @_builtin("cosine")
@@ -164,7 +175,7 @@ def cosine_reward(
     clip_progress: bool = False,
     gold_field: str = "solution",
     mode: str = "latex",
-    strict: bool = True,
+    grading: str = "strict",
     timeout_s: float = 5.0,
     **columns: Any,
 ) -> list[float | None]:
@@ -173,11 +184,12 @@ def cosine_reward(
     Correct: lo, hi = min_value_correct, max_value_correct; wrong: lo, hi = max_value_wrong, min_value_wrong, so
     short right answers earn most and short wrong ones lose most. Defaults are Tina's config values. Tina does
     not clip ``len / max_len`` (past 2*max_len the reward rises again); ``clip_progress`` caps it at 1. A row
-    whose gold does not parse gets 1.0, as in Tina.
+    whose gold does not parse gets 1.0, as in Tina. ``grading="tina"``: Tina's cosine reward's own math-verify
+    calls (a box inside ``$...$`` is not unwrapped, ``verify(answer, gold)``).
     """
     if max_len <= 0:
         raise ValueError(f"max_len={max_len!r} must be a positive number of characters")
-    verdicts = correctness(completions, columns, "cosine", gold_field, mode, strict, timeout_s)
+    verdicts = correctness(completions, columns, "cosine", gold_field, mode, grading, timeout_s)
     rewards: list[float | None] = []
     for text, v in zip(completions, verdicts, strict=True):
         if v.status == "gold_unparsed":
@@ -334,23 +346,34 @@ class RewardSet:
         self.per_completion = [s.name in _PER_COMPLETION for s in self.specs]
 
     def __call__(
-        self, completions: list[str], rows: list[dict[str, Any]], group_size: int | None = None
+        self,
+        completions: list[str],
+        rows: list[dict[str, Any]],
+        group_size: int | None = None,
+        extra_columns: dict[str, list[Any]] | None = None,
     ) -> RewardOutput:
         """Score N completions; ``rows[i]`` is the dataset row of ``completions[i]``.
 
         ``group_size``: completions per prompt (num_generations; completions are group-major, prompt i owns
-        rows ``i*G .. i*G+G-1``). None: the whole call is one group.
+        rows ``i*G .. i*G+G-1``). None: the whole call is one group. ``extra_columns``: columns of the rollout
+        that are not dataset fields, N values each (GRPOModule passes ``completion_ids``, the token ids).
         """
         n = len(completions)
         if len(rows) != n:
             raise ValueError(f"RewardSet got {n} completions but {len(rows)} rows")
         _check_group_size(group_size, n)
         keys = list(dict.fromkeys(k for row in rows for k in row))
-        if "completions" in keys:
+        reserved = {"completions", *(extra_columns or {})}
+        if reserved & set(keys):
             raise ValueError(
-                "a dataset row has a field named 'completions'; rename it (reward functions use it)"
+                f"a dataset row has a field named {sorted(reserved & set(keys))}; rename it (reward functions "
+                "receive the rollout's own columns under these names)"
             )
         columns = {k: [row.get(k) for row in rows] for k in keys}
+        for k, values in (extra_columns or {}).items():
+            if len(values) != n:
+                raise ValueError(f"RewardSet got {len(values)} values of column {k!r} for {n} completions")
+            columns[k] = list(values)
         values = torch.full((n, len(self.fns)), float("nan"), dtype=torch.float32)  # [N, F]
         with verdict_scope() as scope:
             for j, spec in enumerate(self.specs):

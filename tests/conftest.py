@@ -18,7 +18,9 @@ def _build_random_qwen2(out: Path) -> None:
     RMSNorm is a positive feature, and the EOS row of the output head reads it.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
+
+    from lightning_tina.tiny.random_model import save_random_qwen2
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -30,9 +32,15 @@ def _build_random_qwen2(out: Path) -> None:
     )
     tok.train_from_iterator(["What is 12 + 34? The answer is 46. Think step by step."] * 8, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.save_pretrained(out)
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
+
+    def likely_eos(model: torch.nn.Module) -> None:
+        model.model.embed_tokens.weight[:, 0] = 0.3  # [V] constant channel
+        model.lm_head.weight[fast.eos_token_id, 0] = 0.7  # EOS logit about +3.3 on every position
+
+    save_random_qwen2(
+        out,
+        fast,
+        edit=likely_eos,
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -42,15 +50,8 @@ def _build_random_qwen2(out: Path) -> None:
         vocab_size=len(fast),
         max_position_embeddings=512,
         tie_word_embeddings=False,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
         initializer_range=0.05,
     )
-    model = Qwen2ForCausalLM(cfg)
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] = 0.3  # [V] constant channel
-        model.lm_head.weight[fast.eos_token_id, 0] = 0.7  # EOS logit about +3.3 on every position
-    model.save_pretrained(out)
 
 
 @pytest.fixture(scope="module")

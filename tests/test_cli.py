@@ -54,6 +54,52 @@ def test_overrides_and_links():
     assert rollout.sampling.temperature == 0.7
 
 
+def test_checkpoint_section_sets_the_save_periods_and_the_newcomer_surface():
+    """One value in `checkpoint:` sets a period without restating trainer.callbacks; the trainer gets the step
+    progress bar and no TensorBoard hp_metric placeholder."""
+    from lightning_tina.callbacks import AdapterCheckpoint, ResumeCheckpoint, TinaProgressBar
+
+    cli = cli_main(
+        ["--config", str(ROOT / "configs/tiny.yaml"), "--checkpoint.every_n_train_steps", "7"]
+        + ["--checkpoint.resume_every_n_train_steps", "3"],
+        run=False,
+    )
+    adapters = next(c for c in cli.trainer.callbacks if isinstance(c, AdapterCheckpoint))
+    resume = next(c for c in cli.trainer.callbacks if isinstance(c, ResumeCheckpoint))
+    assert adapters.every_n_train_steps == 7 and resume._every_n_train_steps == 3
+    assert any(isinstance(c, TinaProgressBar) for c in cli.trainer.callbacks)
+    assert cli.trainer.logger._default_hp_metric is False
+
+
+def test_old_period_key_still_works_and_names_the_new_one():
+    from lightning_tina.callbacks import AdapterCheckpoint, BenchmarkEval
+
+    with pytest.warns(FutureWarning, match="every_n_train_steps"):
+        assert AdapterCheckpoint(every_n_steps=5).every_n_train_steps == 5
+    with pytest.raises(ValueError, match="set only every_n_train_steps"):
+        BenchmarkEval(["tiny_heldout"], every_n_train_steps=2, every_n_steps=3)
+
+
+def test_a_config_mistake_is_one_line_naming_the_key(monkeypatch, capsys):
+    from lightning_tina import __main__ as cli
+
+    args = ["lightning_tina", "fit", "--config", str(ROOT / "configs/tiny.yaml")]
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.setattr("sys.argv", [*args, "--model.grpo.batch_size", "10"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err)
+    assert "model.grpo.batch_size=10" in err[-1] and cli.DEBUG_ENV in err[-1]
+    monkeypatch.setattr("sys.argv", [*args, "--model.model", "./no/such/model"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert "model.model: no such directory './no/such/model'" in capsys.readouterr().err
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        cli.main()
+
+
 def test_unknown_key_is_refused(capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--model.lora.rank", "4"])
@@ -65,7 +111,7 @@ def test_fit_two_steps_writes_tensorboard(tmp_path):
     cfg["trainer"]["max_steps"] = 2
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
     bench = cfg["trainer"]["callbacks"][0]["init_args"]
-    bench.update(limit=4, k=2, every_n_steps=0)
+    bench.update(limit=4, k=2, every_n_train_steps=0)
     cfg["model"]["grpo"].update(batch_size=16)
     path = tmp_path / "fit.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -54,3 +54,21 @@ def test_long_prompts_are_dropped_and_counted_never_cut(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert all(len(ids) <= 20 for ids in batch.prompt_ids)
     assert dm.skipped["too_long"] > 0
+
+
+def test_tina_gold_and_unparseable_golds_kept_as_tina_did(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [
+        {"problem": f"Compute {i}+1.", "solution": f"Add one: \\boxed{{{i + 1}}}.", "answer": str(i + 1)}
+        for i in range(8)
+    ]
+    rows[6]["solution"] = rows[6]["answer"] = "\\boxed{}"  # math-verify reads nothing out of this gold
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    kept = _dm(path, gold="tina", drop_unparseable_gold=False, streaming=True, shuffle_buffer=1)
+    golds = [r["solution"] for b in itertools.islice(iter(kept.train_dataloader()), 2) for r in b.rows]
+    assert sorted(golds) == sorted(r["solution"] for r in rows)  # worked solutions, the bad one kept
+    assert not kept.skipped
+    strict = _dm(path, streaming=True, shuffle_buffer=1)
+    golds = [r["solution"] for b in itertools.islice(iter(strict.train_dataloader()), 2) for r in b.rows]
+    assert all(g.startswith("$") and g.endswith("$") and "boxed" not in g for g in golds)
+    assert strict.skipped["unparseable"] == 1

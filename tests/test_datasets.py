@@ -359,3 +359,56 @@ def test_hub_resume_with_skip_continues_the_same_sequence(
     assert sorted(full, key=int) == [str(i) for i in range(40)] and full != sorted(full, key=int)
     for k in (1, 17, 40):
         assert run(skip=k) == full[k:]
+
+
+# ---- gold: tina (Tina's grpo.py column choice) ----------------------------------------------------------------------
+
+TINA_GOLD_COLUMN = {
+    "still": "answer",
+    "deepscaler": "answer",  # Tina's DeepScaleR case: answer -> solution, the worked solution set aside
+    "2thought": "verification_info.answer.value",
+    "limr": "answer",
+    "open_rs1": "solution",
+    "open_rs2": "solution",
+    "open_rs3": "solution",
+    "open_r1": "solution",
+    "thoughts": "solution",
+    "l1_exact": "solution",  # the DeepScaleR case keys on the name "deepscaler"; the l1 rewards read no gold
+    "l1_max": "solution",
+}
+"""Where Tina's grpo.py takes each registry dataset's gold: a `solution` column verbatim, else `$answer$`."""
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_tina_gold_is_the_column_tinas_script_kept(name: str) -> None:
+    fixture, _, _ = EXPECTED[name]
+    raw = read_jsonl(FIXTURES / fixture)
+    entry = resolve(DataSource(name, gold="tina"))
+    rows = [normalize(entry, r, rng=row_rng(0, 0, i), index=i, check_answer=False) for i, r in enumerate(raw)]
+    col = TINA_GOLD_COLUMN[name]
+    if col == "solution":
+        assert [r["solution"] for r in rows] == [src["solution"] for src in raw]  # the worked text, untouched
+    else:
+        assert [r["solution"] for r in rows] == [f"${get_path(src, col)}$" for src in raw]
+    if name == "deepscaler":
+        assert [r["solution_archive"] for r in rows] == [src["solution"] for src in raw]
+
+
+def test_tina_gold_wraps_the_answer_as_tina_did() -> None:
+    # Tina writes f"${answer}$": no stripping, no check for delimiters already there
+    tina, ours = resolve(DataSource("limr", gold="tina")), resolve(DataSource("limr"))
+    row = {"prompt": "p", "answer": "$5$ "}
+    assert normalize(tina, row, check_answer=False)["solution"] == "$$5$ $"
+    assert normalize(ours, row)["solution"] == "$5$"
+    local = resolve(DataSource(str(FIXTURES / "local_problems.jsonl"), gold="tina"))
+    assert local.gold == "tina"
+    with pytest.raises(ValueError, match="data.gold"):
+        resolve(DataSource("limr", gold="solution"))  # type: ignore[arg-type]
+
+
+def test_tina_gold_keeps_rows_whose_gold_does_not_parse_when_asked() -> None:
+    entry = resolve(DataSource(str(FIXTURES / "bad_rows.jsonl"), gold="tina"))
+    raw = read_jsonl(FIXTURES / "bad_rows.jsonl")
+    with pytest.raises(RowError, match="extracts no answer"):
+        normalize(entry, raw[3], index=3)
+    assert normalize(entry, raw[3], index=3, check_answer=False)["solution"] == "$\\boxed{}$"

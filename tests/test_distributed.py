@@ -70,7 +70,7 @@ def _config(
         callbacks=[
             {"class_path": f"lightning_tina.callbacks.{name}", "init_args": args}
             for name, args in [
-                ("AdapterCheckpoint", {"every_n_steps": 1, "dirpath": str(out / "adapters")}),
+                ("AdapterCheckpoint", {"every_n_train_steps": 1, "dirpath": str(out / "adapters")}),
                 ("ResumeCheckpoint", {"every_n_train_steps": 1, "dirpath": str(out / "ckpt")}),
             ]
         ]
@@ -116,21 +116,20 @@ class _Recorder:
 
         recorder = self
         rollout = next(c for c in cli.trainer.callbacks if type(c).__name__ == "RolloutCallback")
-        rollouts_for, sample = rollout.rollouts_for, rollout.sample
+        source = rollout.source  # the RolloutSource the callback connects to the module
+        rollouts, generate = source.rollouts, source.generate
 
-        def recording_rollouts_for(batch, pl_module):
-            recorder.steps.append(
-                {"prompt_ids": batch.prompt_ids, "prompts": batch.prompts, "rows": batch.rows}
-            )
-            return rollouts_for(batch, pl_module)
+        def recording_rollouts(batch, policy):
+            recorder.steps.append({"prompt_ids": batch.prompt_ids, "rows": batch.rows})
+            return rollouts(batch, policy)
 
-        def recording_sample(prompt_ids, n, sampling, pl_module):
-            gens = sample(prompt_ids, n, sampling, pl_module)
+        def recording_generate(prompt_ids, n, sampling, policy):
+            gens = generate(prompt_ids, n, sampling, policy)
             recorder.steps[-1]["generations"] = [tuple(g) for g in gens]
             return gens
 
-        rollout.rollouts_for = recording_rollouts_for  # on this instance only
-        rollout.sample = recording_sample
+        source.rollouts = recording_rollouts  # on this instance only
+        source.generate = recording_generate
         self._group_advantages = grpo.group_advantages
 
         def group_advantages(rewards, group_size, scale="group", eps=1e-4):
@@ -145,7 +144,7 @@ class _Recorder:
 
         def recording_optimizer_step(*args, **kwargs):
             out = optimizer_step(*args, **kwargs)
-            recorder.steps[-1]["local_loss"] = float(out[0].loss)  # this rank's loss, before any logging sync
+            recorder.steps[-1]["local_loss"] = float(out.loss)  # this rank's loss, before any logging sync
             policy = cli.model.policy  # gradients of the step just taken (DDP: already averaged over ranks)
             recorder.steps[-1]["grad"] = {
                 n: p.grad.detach().clone() for n, p in policy.named_parameters() if p.grad is not None
@@ -270,7 +269,6 @@ def _replay_single_process(out: Path, ranks: list[dict[str, Any]]) -> _Recorder:
         batches.append(
             PromptBatch(
                 prompt_ids=[i for p in parts for i in p["prompt_ids"]],
-                prompts=[t for p in parts for t in p["prompts"]],
                 rows=[row for p in parts for row in p["rows"]],
             )
         )
@@ -495,5 +493,72 @@ def test_torchrun_script_trains_the_embedded_default_on_two_cpu_processes(tmp_pa
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
 
 
+def _mixed_dtype_worker(out: Path) -> None:
+    """One rank: FSDP2 over a PEFT policy whose units hold a bfloat16 base and float32 LoRA weights (Tina's
+    bf16 setting), one forward/backward under bf16 autocast on the rank's half of a fixed batch."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from lightning_tina.policy import shard_fsdp2, whole
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))
+    policy, ids = _mixed_dtype_policy_and_batch()
+    shard_fsdp2(policy, mesh)
+    dtypes = {n: p.dtype for n, p in policy.named_parameters()}
+    sharded = all(isinstance(p, DTensor) for p in policy.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = policy(input_ids=ids[2 * rank : 2 * rank + 2]).logits  # [2, T, V]
+    logits.float().log_softmax(-1).mean().backward()  # FSDP2 averages the ranks' gradients
+    grads = {n: whole(p.grad).float() for n, p in policy.named_parameters() if p.grad is not None}
+    torch.save({"dtypes": dtypes, "sharded": sharded, "grads": grads}, out / f"mixed_rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _mixed_dtype_policy_and_batch() -> tuple[torch.nn.Module, torch.Tensor]:
+    from lightning_tina.policy import LoRASettings, load_causal_lm, wrap_lora
+
+    torch.manual_seed(0)
+    policy = wrap_lora(load_causal_lm(str(TINY), "bfloat16"), LoRASettings(r=8, alpha=16, dropout=0.0))
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:  # a non-zero adapter, so that lora_A gets gradients too
+            p.data.normal_(0, 0.05)
+    return policy, torch.randint(3, 200, (4, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_a_bf16_base_with_float32_lora_in_one_unit(tmp_path):
+    """Issue 17: Tina trains a bfloat16 base with float32 LoRA weights; under FSDP2 every decoder layer is one unit
+    holding both dtypes. The sharded run keeps each parameter's dtype and its gradients equal the 1-process
+    gradients of the whole batch (bf16 matmuls on half the rows: rounding only)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
+    proc = subprocess.run(
+        [*cmd, str(tmp_path), "fsdp2-mixed"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"mixed_rank{r}.pt", weights_only=False) for r in range(2)]
+    policy, ids = _mixed_dtype_policy_and_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = policy(input_ids=ids).logits
+    logits.float().log_softmax(-1).mean().backward()
+    expected = {n: p.grad.float() for n, p in policy.named_parameters() if p.grad is not None}
+    for rec in ranks:
+        assert rec["sharded"]
+        assert {n for n, d in rec["dtypes"].items() if d == torch.float32} == set(expected)  # LoRA only
+        assert {d for n, d in rec["dtypes"].items() if n not in expected} == {torch.bfloat16}
+        assert set(rec["grads"]) == set(expected)
+        for name, g in expected.items():
+            got = rec["grads"][name]
+            assert (got - g).norm() <= 0.02 * g.norm() + 1e-8, name
+        assert ranks[0]["grads"].keys() == rec["grads"].keys()
+
+
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]), *sys.argv[2:4])
+    if sys.argv[2] == "fsdp2-mixed":
+        _mixed_dtype_worker(Path(sys.argv[1]))
+    else:
+        _worker(Path(sys.argv[1]), *sys.argv[2:4])

@@ -234,7 +234,7 @@ def test_regrade_with_the_real_checker_is_exact(tmp_path: Path) -> None:
 def test_cli_rejects_unknown_benchmark_and_missing_paths(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--benchmarks: unknown benchmark 'math5000'"):
         ev.main(["--model", "org/model", "--benchmarks", "math5000", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--model: no model directory at './missing'"):
+    with pytest.raises(SystemExit, match="--model: no such directory './missing'"):
         ev.main(["--model", "./missing", "--benchmarks", "aime24", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--adapter: .* is not a PEFT adapter directory"):
         ev.main(["--model", "org/model", "--adapter", str(tmp_path), "--out", str(tmp_path)])

@@ -45,7 +45,7 @@ def _rollouts(m: GRPOModule, seed: int = 0):
     dm = ReasoningDataModule(tokenizer=TINY)
     dm.setup("fit")
     ids = [dm.render(r["problem"]) for r in rows]
-    batch = PromptBatch(prompt_ids=ids, prompts=[m.tokenizer.decode(i) for i in ids], rows=rows)
+    batch = PromptBatch(prompt_ids=ids, rows=rows)
     torch.manual_seed(seed)
     gens = HFEngine(m.policy, m.tokenizer).generate(
         ids, 4, SamplingConfig(max_new_tokens=24, temperature=1.0)
@@ -108,12 +108,35 @@ def test_out_of_memory_in_generation_names_the_settings():
     from lightning_tina.callbacks import RolloutCallback
 
     cb = RolloutCallback(engine="hf", num_generations=4)
-    cb.engine, cb._synced_version = _OOMEngine(), 0
+    cb.engine, cb.source.synced_version = _OOMEngine(), 0
     m = _module()
+    m.connect_rollouts(cb.source)
     with pytest.raises(
         torch.OutOfMemoryError, match="model.grpo.batch_size.*rollout.sampling.max_new_tokens"
     ):
-        cb.sample([[1, 2, 3]], 4, SamplingConfig(), m)
+        m.sampler().generate([[1, 2, 3]], 4, SamplingConfig())
+
+
+def test_a_replayed_rollout_source_drives_training_and_the_loss_returns_its_stats(tmp_path):
+    """The RolloutSource seam: fixed completions, no engine; the micro-batch loss returns (loss, stats)."""
+    import lightning as L
+
+    from lightning_tina.rollout.source import ReplayRollouts
+    from lightning_tina.types import LossStats
+
+    m = _module()
+    r = _rollouts(m)
+    source = ReplayRollouts([r], group_size=4, max_new_tokens=24)
+    m.connect_rollouts(source)
+    adv = torch.linspace(-1, 1, 8)
+    loss, stats = m._micro_batch_loss(r, slice(0, 3), adv, None, None, int(r.completion_mask.sum()))
+    assert isinstance(stats, LossStats) and stats.loss == pytest.approx(float(loss.detach()))
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(m, datamodule=ReasoningDataModule(tokenizer=TINY, prompts_per_step=2, val_source=None))
+    assert source.calls == 2 and m.policy_version == 2
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
 
 
 def _fit(m: GRPOModule, tmp_path, steps: int, prompts: int = 2):
@@ -185,9 +208,8 @@ def test_schedule_steps_sets_the_lr_schedule_apart_from_the_run_length(tmp_path)
     assert lr == pytest.approx(
         1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))
     )  # halfway: 0.55 x lr
-    m.optim = OptimSettings(schedule_steps=0)
     with pytest.raises(ValueError, match="model.optim.schedule_steps=0"):
-        m._total_optimizer_steps()
+        OptimSettings(schedule_steps=0)
 
 
 @pytest.mark.parametrize("trim", [True, False])

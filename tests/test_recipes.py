@@ -144,12 +144,12 @@ def expected(name: str) -> dict[str, Any]:
         "trainer.strategy": "ddp",
         "trainer.precision": "bf16-mixed" if t["bf16"] else "32-true",
         "trainer.max_steps": stop,
-        "trainer.callbacks.0.init_args.every_n_steps": t["save_steps"],
+        "checkpoint.every_n_train_steps": t["save_steps"],
         "trainer.callbacks.0.init_args.keep_last": t["save_total_limit"],
         "trainer.callbacks.2.init_args.cost_per_gpu_hour": 1.0,
         "model.model": "deepseek-ai/" + t["model_name_or_path"],
         "model.dtype": "bfloat16" if t["bf16"] else "float32",
-        "model.attn_implementation": t["attn_implementation"],
+        "model.attn_implementation": "sdpa",  # Tina: flash_attention_2; same attention, nothing to install
         "model.lora.r": t["lora_r"],
         "model.lora.alpha": t["lora_alpha"],
         "model.lora.dropout": t["lora_dropout"],
@@ -159,6 +159,7 @@ def expected(name: str) -> dict[str, Any]:
         "model.grpo.micro_batch_size": per_device,
         "model.grpo.beta": t["beta"],
         "model.grpo.temperature": t["temperature"],
+        "model.grpo.logprob_temperature": 1.0,  # TRL 0.15.2 _get_per_token_logps: raw logits (no / temperature)
         "model.grpo.scale_rewards": "none" if drgrpo or not t["scale_rewards"] else "group",
         "model.grpo.loss_type": "bnpo" if drgrpo or not t["scale_rewards"] else "grpo",
         "model.grpo.num_iterations": 1,
@@ -175,6 +176,8 @@ def expected(name: str) -> dict[str, Any]:
         "data.source": SOURCES.get(t["dataset"], t["dataset"]),
         "data.chat_template": "tina_r1",
         "data.max_prompt_length": t["max_prompt_length"],
+        "data.gold": "tina",  # grpo.py: the `solution` column when the dataset has one, else $answer$
+        "data.drop_unparseable_gold": False,  # Tina kept such rows (accuracy reward None)
         "data.seed": t["seed"],
         "rollout.engine": "vllm" if t["use_vllm"] else "hf",
         "rollout.sampling.max_new_tokens": t["max_completion_length"],
@@ -182,6 +185,7 @@ def expected(name: str) -> dict[str, Any]:
         "rollout.sampling.top_k": 0,
         "rollout.vllm.gpu_memory_utilization": t["vllm_gpu_memory_utilization"],
         "rollout.vllm.max_model_len": max_len,
+        "rollout.vllm.weight_sync": "merged",  # TRL 0.15.2 merged the adapter into the bf16 weights for vLLM
     }
 
 
@@ -223,6 +227,13 @@ def test_print_config_matches_tina(name):
     cfg = print_config("--config", str(RECIPES / f"{name}.yaml"))
     for key, want in expected(name).items():
         got = _get(cfg, key)
+        if (
+            key == "model.rewards"
+        ):  # the recipe may add more kwargs (e.g. the grading mode) than Tina's launcher
+            got = [
+                {**r, "kwargs": {k: v for k, v in r["kwargs"].items() if k in w["kwargs"]}}
+                for r, w in zip(got, want, strict=False)
+            ]
         assert got == want, f"{name}: {key} = {got!r}, Tina's recipe gives {want!r}"
     callbacks = [c["class_path"].rsplit(".", 1)[-1] for c in cfg["trainer"]["callbacks"]]
     assert callbacks == ["AdapterCheckpoint", "ResumeCheckpoint", "CostTracker"]
@@ -295,3 +306,15 @@ def test_representative_recipes_run_one_step_on_the_tiny_model(name, tmp_path):
 @pytest.mark.parametrize("name", sorted(set(TINA) - set(REPRESENTATIVE)))
 def test_every_recipe_runs_one_step_on_the_tiny_model(name, tmp_path):
     _one_step(name, tmp_path)
+
+
+def test_tina_eval_preset_grades_as_tina_with_lightevals_double_bos():
+    """configs/eval/tina.yaml: Tina's (lighteval-compatible) grading is the headline, strict the second column;
+    lighteval at Tina's pin (ed084813) tokenized the chat-templated prompt with special tokens (a second BOS)."""
+    from lightning_tina.evaluate import _parser
+
+    args = _parser().parse_args(
+        ["--config", str(ROOT / "configs/eval/tina.yaml"), "--model", "m", "--out", "o"]
+    )
+    assert args.grading == "tina" and args.compare_modes is True and args.double_bos is True
+    assert (args.temperature, args.top_p, args.max_new_tokens) == (0.6, 0.95, 32768)

@@ -29,7 +29,7 @@ def _config(tmp: Path, name: str, kill_at: int | None = None) -> Path:
         },
         {
             "class_path": "lightning_tina.callbacks.AdapterCheckpoint",
-            "init_args": {"dirpath": str(tmp / name / "adapters"), "every_n_steps": 0},
+            "init_args": {"dirpath": str(tmp / name / "adapters"), "every_n_train_steps": 0},
         },
     ]
     if kill_at is not None:

@@ -26,7 +26,7 @@ def _rollouts(lengths: list[list[int]]):
         for j, n in enumerate(group)
     ]
     rows = [{"problem": f"p{i}", "solution": str(i)} for i in range(len(lengths))]
-    return make_rollouts(PromptBatch(prompt_ids=prompts, prompts=[""] * len(rows), rows=rows), gens, g, tok)
+    return make_rollouts(PromptBatch(prompt_ids=prompts, rows=rows), gens, g, tok)
 
 
 def test_groups_are_ordered_by_their_longest_completion_with_every_field_alike():

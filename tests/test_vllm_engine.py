@@ -28,6 +28,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from lightning_tina.policy import TINA_TARGET_MODULES  # noqa: E402
 from lightning_tina.rollout.base import SamplingConfig  # noqa: E402
 from lightning_tina.rollout.vllm import (  # noqa: E402
     VLLM_INSTALL_HINT,
@@ -40,7 +41,7 @@ from lightning_tina.types import Generation  # noqa: E402
 MEAN_TOL = 1e-4
 MAX_TOL = 1e-3
 TEMPERATURE = 0.7
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS = TINA_TARGET_MODULES
 
 requires_vllm = pytest.mark.skipif(not vllm_available(), reason=VLLM_INSTALL_HINT)
 
@@ -418,14 +419,30 @@ def test_bad_settings_and_adapters_are_refused(tiny_model: Path) -> None:
         VLLMEngine(str(tiny_model), max_lora_rank=1024)
     with pytest.raises(ValueError, match="dtype"):
         VLLMEngine(str(tiny_model), dtype="fp8")
-    with pytest.raises(ValueError, match="sync_mode"):
-        VLLMEngine(str(tiny_model), config=VLLMConfig(sync_mode="shm"))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="weight_sync"):
-        VLLMEngine(str(tiny_model), config=VLLMConfig(weight_sync="shared"))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="VLLMConfig.dtype"):
-        VLLMEngine(str(tiny_model), config=VLLMConfig(dtype="fp8"))
-    with pytest.raises(ValueError, match="weight_sync='merged' needs tensor_parallel_size=1"):
-        VLLMEngine(str(tiny_model), config=VLLMConfig(weight_sync="merged", tensor_parallel_size=2))
+    # every setting is checked where it is defined (VLLMConfig.__post_init__), one error per field
+    bad = {
+        "gpu_memory_utilization": 1.5,
+        "max_model_len": 0,
+        "tensor_parallel_size": 0,
+        "kv_cache_gib": 0.0,
+        "max_num_seqs": 0,
+        "max_num_batched_tokens": 0,
+        "sync_mode": "shm",
+        "weight_sync": "shared",
+        "engine_logprobs": "sampled",
+        "model_runner": "v3",
+        "max_logprob_diff": -1.0,
+        "dtype": "fp8",
+    }
+    for key, value in bad.items():
+        with pytest.raises(ValueError, match=rf"^rollout\.vllm\.{key}="):
+            VLLMConfig(**{key: value})
+    with pytest.raises(
+        ValueError, match="rollout.vllm.weight_sync='merged': 'merged' needs tensor_parallel_size=1"
+    ):
+        VLLMConfig(weight_sync="merged", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="rollout.vllm.sync_mode='tensors'"):
+        VLLMConfig(sync_mode="tensors", tensor_parallel_size=2)
     override = VLLMEngine(str(tiny_model), dtype="float32", config=VLLMConfig(dtype="bfloat16"))
     assert override.dtype == "bfloat16" and VLLMEngine(str(tiny_model), dtype="float32").dtype == "float32"
     auto = VLLMEngine(str(tiny_model))
@@ -435,6 +452,7 @@ def test_bad_settings_and_adapters_are_refused(tiny_model: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="enable_sleep_mode"):
             VLLMEngine(str(tiny_model), config=VLLMConfig(enable_sleep_mode=True))
+        assert VLLMEngine(str(tiny_model)).launcher_env() == {}  # CPU: vLLM's own single-process executor
     engine = _engine(tiny_model, weight_sync="lora")  # never started: the checks run before vLLM is touched
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     too_big = get_peft_model(base, LoraConfig(r=16, target_modules=LORA_TARGETS))
@@ -451,3 +469,284 @@ def test_bad_settings_and_adapters_are_refused(tiny_model: Path) -> None:
         merged.sync(dora, 0)
     assert merged._llm is None
     assert ".[cpu]" in VLLM_INSTALL_HINT and ".[gpu]" in VLLM_INSTALL_HINT
+
+
+# ---- issue 17: what the engine is given on a GPU machine, faked on CPU --------------------------------------------
+
+import types  # noqa: E402
+
+
+class _FakeLLM:
+    """Stands in for vllm.LLM: records what it is started with, and does what vLLM's in-process start does to the
+    process (selects GPU 0 as the current device, drops torch to one thread)."""
+
+    starts: list[dict] = []
+
+    def __init__(self, **kwargs: object) -> None:
+        keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "VLLM_USE_V2_MODEL_RUNNER")
+        _FakeLLM.starts.append(
+            dict(
+                kwargs=kwargs,
+                env={k: os.environ.get(k) for k in keys},
+                autocast=torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"),
+                device=torch.cuda.current_device(),
+            )
+        )
+        torch.cuda.set_device(0)
+        torch.set_num_threads(1)
+        self.calls: list[tuple] = []
+        self.llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=4096))
+
+    def generate(
+        self, prompts: list, params: list, lora_request: object = None, use_tqdm: bool = False
+    ) -> list:
+        self.calls.append(("generate", torch.is_autocast_enabled("cpu"), torch.get_num_threads()))
+        comp = types.SimpleNamespace(
+            index=0, token_ids=[5, 6], logprobs=[{5: _LP}, {6: _LP}], finish_reason="stop"
+        )
+        return [types.SimpleNamespace(outputs=[comp]) for _ in prompts]
+
+    def sleep(self, level: int) -> None:
+        self.calls.append(("sleep", level))
+
+    def wake_up(self) -> None:
+        self.calls.append(("wake_up",))
+
+
+_LP = types.SimpleNamespace(logprob=-0.5)
+
+
+class _FakeCuda:
+    """torch.cuda's device state on a machine without CUDA."""
+
+    def __init__(self, device: int) -> None:
+        self.device = device
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.device)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda d: setattr(self, "device", int(d)))
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+
+def _fake_gpu_engine(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path, rank: int, world: int, device: int, **config: object
+) -> tuple[VLLMEngine, _FakeCuda]:
+    import sys
+
+    import lightning_tina.rollout.vllm as vllm_module
+
+    cuda = _FakeCuda(device)
+    cuda.install(monkeypatch)
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_initialized", lambda: world > 1)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: rank)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
+    monkeypatch.setattr(vllm_module, "vllm_available", lambda: True)
+    fake = types.SimpleNamespace(LLM=_FakeLLM, SamplingParams=lambda **k: k)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", types.SimpleNamespace(TokensPrompt=lambda **k: k))
+    engine = VLLMEngine(str(tiny_model), dtype="bfloat16", config=VLLMConfig(**config))
+    assert engine.on_gpu and engine.sleep_mode and engine.weight_sync == "lora"
+    return engine, cuda
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_starts_its_engine_on_its_own_gpu_with_autocast_off(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch, rank: int
+) -> None:
+    """Two fake DDP ranks (rank r on cuda:r, as Lightning sets the current device): each engine gets vLLM's
+    external_launcher executor with the rank's RANK / LOCAL_RANK / WORLD_SIZE, is built with autocast off although
+    the caller is under bf16 autocast, and the trainer's current device, threads and environment are as before."""
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    _FakeLLM.starts.clear()
+    engine, cuda = _fake_gpu_engine(
+        monkeypatch, tiny_model, rank=rank, world=2, device=rank, model_runner="v1"
+    )
+    before, threads = torch.get_num_threads(), 2  # the trainer's threads (vLLM drops them to 1)
+    torch.set_num_threads(threads)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            engine._engine(num_seqs=6 * 4)  # the rank's first call: 6 prompts x G=4
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    (start,) = _FakeLLM.starts
+    kwargs, env = start["kwargs"], start["env"]
+    assert kwargs["distributed_executor_backend"] == "external_launcher"
+    assert env["RANK"] == str(rank) and env["LOCAL_RANK"] == str(rank) and env["WORLD_SIZE"] == "2"
+    assert env["MASTER_PORT"] is None  # the trainer's process group exists: vLLM joins it, no new rendezvous
+    assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0"  # model_runner: v1, the documented fallback
+    assert start["device"] == rank and start["autocast"] is False
+    assert kwargs["max_num_seqs"] == 24 and kwargs["enable_sleep_mode"] is True
+    assert kwargs["gpu_memory_utilization"] == 0.4 and kwargs["enable_lora"] is True
+    # afterwards: the trainer's device (vLLM's start moved it to 0), threads and environment
+    assert cuda.device == rank and after == threads
+    assert all(k not in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "VLLM_USE_V2_MODEL_RUNNER"))
+    assert engine._engine_threads == 1  # the engine's calls run with the threads vLLM chose
+
+
+def test_single_process_gpu_engine_gets_its_own_rendezvous_and_tp_is_refused_with_ranks(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    engine, _ = _fake_gpu_engine(monkeypatch, tiny_model, rank=0, world=1, device=3)  # trainer.devices: [3]
+    env = engine.launcher_env()
+    assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and env["LOCAL_RANK"] == "3"
+    assert env["MASTER_ADDR"] and int(env["MASTER_PORT"]) > 0
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in engine.engine_environment()  # model_runner auto: vLLM's choice
+    tp, _ = _fake_gpu_engine(monkeypatch, tiny_model, rank=1, world=2, device=1, tensor_parallel_size=2)
+    assert tp.launcher_env() == {}
+    with pytest.raises(ValueError, match="rollout.vllm.tensor_parallel_size=2 with 2 training ranks"):
+        tp.engine_kwargs()
+
+
+def test_max_num_seqs_follows_the_ranks_completions() -> None:
+    from lightning_tina.rollout.vllm import default_max_num_seqs
+
+    assert [default_max_num_seqs(n) for n in (1, 16, 24, 30, 1000, None)] == [8, 16, 24, 32, 256, 256]
+
+
+def test_wake_up_empties_the_cache_first_and_turns_a_cumem_failure_into_oom_advice(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lightning_tina.rollout.vllm as vllm_module
+
+    engine, _ = _fake_gpu_engine(monkeypatch, tiny_model, rank=0, world=1, device=0)
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    memory = {"free_gib": 10.0, "total_gib": 44.9, "allocated_gib": 5.0, "reserved_gib": 5.5}
+    monkeypatch.setattr(vllm_module, "_gpu_memory", lambda: dict(memory))
+
+    class Sleeper:
+        def __init__(self, error: Exception | None) -> None:
+            self.error = error
+
+        def wake_up(self) -> None:
+            calls.append("wake_up")
+            if self.error is not None:
+                raise self.error
+
+    engine._llm, engine._asleep = Sleeper(None), True
+    engine._wake()
+    assert calls == ["empty_cache", "wake_up"] and not engine._asleep and engine.wake_memory == [memory]
+    cumem = RuntimeError("CUDA Error: out of memory at /workspace/csrc/cumem_allocator.cpp:62")
+    engine._llm, engine._asleep = Sleeper(cumem), True
+    with pytest.raises(torch.OutOfMemoryError, match="rollout.vllm.gpu_memory_utilization") as info:
+        engine._wake()
+    assert "10.0 GiB of 44.9 GiB were free" in str(info.value) and info.value.__cause__ is cumem
+    other = RuntimeError("CUDA Error: invalid argument")
+    engine._llm, engine._asleep = Sleeper(other), True
+    with pytest.raises(RuntimeError, match="invalid argument"):  # not a memory problem: as vLLM raised it
+        engine._wake()
+
+
+def test_logprob_drift_fails_loudly_on_gpu_only() -> None:
+    from lightning_tina.rollout.vllm import check_logprob_drift
+
+    limit = VLLMConfig().max_logprob_diff
+    assert limit == 0.1
+    check_logprob_drift(0.03, limit)  # bf16 kernels on both sides: fine
+    check_logprob_drift(0.5, None)  # the check turned off
+    check_logprob_drift(0.5, limit, on_gpu=False)  # CPU: the tests hold it to 1e-4 instead
+    with pytest.raises(RuntimeError, match="rollout.vllm.max_logprob_diff=0.1.*model_runner: v1"):
+        check_logprob_drift(0.5, limit)  # a fake mismatch: a stale adapter or another runner
+    with pytest.raises(RuntimeError, match="drifted"):
+        check_logprob_drift(float("nan"), limit)
+
+
+def test_in_memory_adapter_refuses_a_vllm_without_the_private_fields() -> None:
+    import types
+
+    from lightning_tina.rollout.vllm_worker import add_lora_from_tensors
+
+    worker = types.SimpleNamespace(model_runner=types.SimpleNamespace())  # no lora_manager
+    with pytest.raises(RuntimeError, match="rollout.vllm.sync_mode: files"):
+        add_lora_from_tensors(worker, 1, {}, {})
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_float32_engine_under_bf16_autocast_computes_in_float32(
+    tiny_model: Path, tiny_prompts: list[list[int]]
+) -> None:
+    """Lightning's bf16-mixed runs training_step under autocast, where the engine starts and generates: the float32
+    CPU engine's log-probs still match the float32 policy to float32 rounding. (vLLM's CPU kernels ignore autocast,
+    so this holds on CPU even without turning it off; on CUDA its linear layers would run in bf16. The autocast
+    state inside the engine's calls is checked by the fake-GPU tests above.)"""
+    prompts, n = tiny_prompts, 4
+    policy = _policy(tiny_model)
+    engine = _engine(tiny_model, weight_sync="lora", sync_mode="tensors")
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            engine.sync(policy, 0)
+            gens = engine.generate(prompts, n, SamplingConfig(max_new_tokens=12, temperature=TEMPERATURE))
+            assert torch.is_autocast_enabled("cpu")  # the caller's context is back
+        mean, worst = _gap(policy, prompts, gens, n)
+        assert mean <= MEAN_TOL and worst <= MAX_TOL, (mean, worst)
+    finally:
+        engine.close()
+
+
+def test_merged_snapshot_is_float32_even_under_bf16_autocast(tiny_model: Path) -> None:
+    """sync runs inside training_step, i.e. under Lightning's autocast: the merge W + s * B @ A must still be
+    computed in float32."""
+    from lightning_tina.rollout.vllm_sync import merged_lora_weights
+
+    policy = _policy(tiny_model)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    engine = _engine(tiny_model, weight_sync="merged")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        engine.sync(policy, 0)
+    kind, got = engine._weights._pending
+    want = merged_lora_weights(policy, "default", torch.float32)
+    assert kind == "merged" and [k for k, _ in got] == [k for k, _ in want]
+    for (name, a), (_, b) in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_a_fake_gpu_step_cycle_runs_the_engine_without_autocast_and_empties_the_cache_before_waking(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two rollouts on a fake GPU engine under the trainer's bf16 autocast: generate runs with autocast off and the
+    engine's thread count, the engine sleeps after each rollout, and the trainer's cache is emptied before it wakes;
+    the caller's autocast, threads and device are back afterwards."""
+    import lightning_tina.rollout.vllm as vllm_module
+
+    _FakeLLM.starts.clear()
+    engine, cuda = _fake_gpu_engine(monkeypatch, tiny_model, rank=1, world=2, device=1)
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    monkeypatch.setattr(vllm_module, "_gpu_memory", lambda: {"free_gib": 30.0})
+    before, threads = torch.get_num_threads(), 2  # the trainer's threads (vLLM drops them to 1)
+    torch.set_num_threads(threads)
+    sampling = SamplingConfig(max_new_tokens=2, temperature=0.7)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            gens = engine.generate([[1, 2, 3], [4, 5]], 1, sampling)
+            events.append(f"training with {torch.get_num_threads()} threads")
+            engine.generate([[1, 2, 3]], 1, sampling)
+            assert torch.is_autocast_enabled("cpu")
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    llm = engine._llm
+    assert [g.token_ids for g in gens] == [[5, 6], [5, 6]] and gens[0].logprobs == [-0.5, -0.5]
+    assert llm.calls == [
+        ("generate", False, 1),
+        ("sleep", 1),
+        ("wake_up",),
+        ("generate", False, 1),
+        ("sleep", 1),
+    ]
+    assert events == [
+        "empty_cache",
+        "training with 2 threads",
+        "empty_cache",
+    ]  # at the start, before the wake-up
+    assert engine.wake_memory == [{"free_gib": 30.0}]
+    assert after == threads and cuda.device == 1
+    assert engine.max_num_seqs == 8  # 2 prompts x 1 completion, rounded up to 8

@@ -5,7 +5,7 @@ It is started as a plain script (not through ``multiprocessing``) so that it nev
 that ``lightning_tina/__init__.py`` is not executed either: the worker only loads math-verify and sympy.
 
 Protocol on the two pipes (``multiprocessing.connection`` framing, pickled objects): the worker sends
-``"ready"`` once imports are done, then answers every job tuple ``(completion, gold, mode, strict, letters)``
+``"ready"`` once imports are done, then answers every job tuple ``(completion, gold, mode, grader, letters)``
 with a ``grade.GradeResult``; ``None`` or a closed pipe ends it. The parent kills it on timeout.
 """
 

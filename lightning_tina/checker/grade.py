@@ -10,6 +10,11 @@ Two behaviours share math-verify's LaTeX parser (latex2sympy2_extended) and its 
   is"; never the last number of the text), fixes e-notation and ``\\text{080}``, and parses the whole answer, so
   "answer is 2 \\sqrt{5}" is not cut to ``2``.
 
+* ``"tina_accuracy"`` / ``"tina_length"`` (``GRADERS``) are the math-verify calls of Tina's training rewards
+  (tina/post_train_hf/rewards.py): its accuracy reward, and the one its length, L1 and cosine rewards share. They
+  run math-verify 0.5.2's behaviour under the installed newer version (``mv_compat``), so that the Tina recipes
+  train on the values Tina trained on; parity/rewards_parity.py checks them against Tina's own code.
+
 ``grade`` returns plain tuples so the worker processes can send them back cheaply.
 """
 
@@ -22,6 +27,7 @@ from typing import Any
 
 from lightning_tina.checker.extract import find_final_answer, last_boxed, loose_string_key, normalize_answer
 from lightning_tina.checker.letter import extract_letter_strict, extract_letter_tina
+from lightning_tina.checker.mv_compat import legacy_052, old_percentages
 
 TINA_PRECISION = 5  # lighteval metric precision in Tina's task file: floats are rounded to 5 decimals
 MAX_EXTRACTED_CHARS = 1000  # Verdict.extracted is cut to this length (it is for logs, not for comparison)
@@ -37,6 +43,12 @@ _TINA_PARSE: dict[str, Any] = dict(
 
 # (correct, extracted, status) with status in "ok" | "no_answer" | "gold_unparsed" | "error"
 GradeResult = tuple[bool, str | None, str]
+
+GRADERS: tuple[str, ...] = ("strict", "lighteval", "tina_accuracy", "tina_length")
+"""How a completion is graded. "strict" and "lighteval" are ``strict=True`` / ``strict=False``; the two "tina_*"
+graders are the math-verify calls of Tina's training rewards (tina/post_train_hf/rewards.py):
+"tina_accuracy" is ``accuracy_reward``'s, "tina_length" the one that ``len_reward``, the two L1 rewards and the
+cosine reward share. They ignore the gold ``mode`` (Tina's rewards parse every gold the same way)."""
 
 
 @lru_cache(maxsize=1)
@@ -93,6 +105,79 @@ def _grade_tina_math(completion: str, gold: str, mode: str) -> GradeResult:
         extracted = str(preds[0])
     status = "gold_unparsed" if not golds else ("no_answer" if not preds else "ok")
     return correct, _clip(extracted), status
+
+
+# ---- Tina's training rewards (math-verify 0.5.2 / latex2sympy2_extended 1.0.6 semantics) ------------------------
+
+
+@lru_cache(maxsize=1)
+def _tina_reward_targets() -> dict[str, tuple[list[Any], list[Any]]]:
+    """(gold targets, completion targets) of each Tina reward grader, with 0.5.2's defaults written out.
+
+    Tina relied on math-verify 0.5.2 defaults in two places: ``parse(sol)`` without targets (LaTeX then
+    expression) and ``LatexExtractionConfig()`` for the gold of the length and cosine rewards. 0.5.2's default
+    LaTeX normalization has ``equations=True`` (an answer ``a = b = c`` is cut to ``c``); newer versions changed
+    that default to False, so it is pinned here. The completion targets are Tina's own, word for word, including
+    ``boxed=True`` for the length/cosine rewards: not one of "all"/"last"/"none", so the normalizer leaves a box
+    that the extraction regex caught inside ``$...$`` unopened. The LaTeX parser reads a lone ``\\boxed{5}`` as
+    5, but ``$\\boxed{5} = \\boxed{5}$`` or ``$\\boxed{2, 3, \\text{ and } 4}$`` then count as wrong.
+    """
+    mv, l2s, _ = _mv()
+    old_default = l2s.NormalizationConfig(
+        basic_latex=True, units=True, malformed_operators=True, nits=True, boxed="all", equations=True
+    )
+
+    def completion(boxed: Any) -> list[Any]:
+        norm = l2s.NormalizationConfig(
+            nits=False, malformed_operators=False, basic_latex=True, equations=True, boxed=boxed, units=True
+        )
+        return [
+            mv.LatexExtractionConfig(
+                normalization_config=norm, boxed_match_priority=0, try_extract_without_anchor=False
+            )
+        ]
+
+    gold_latex = [mv.LatexExtractionConfig(normalization_config=old_default)]
+    return {
+        "tina_accuracy": ([*gold_latex, mv.ExprExtractionConfig()], completion("all")),
+        "tina_length": (gold_latex, completion(True)),
+    }
+
+
+def _tina_parse(text: str, targets: list[Any]) -> list[Any]:
+    """``parse(text, targets, extraction_mode="first_match")`` with math-verify 0.5.2's behaviour (mv_compat)."""
+    mv, _, _ = _mv()
+    with legacy_052():
+        found = mv.parse(
+            text, targets, fallback_mode="first_match", extraction_mode="first_match", parsing_timeout=None
+        )
+    return old_percentages(found)
+
+
+@lru_cache(maxsize=256)
+def _tina_reward_gold(gold: str, grader: str) -> tuple[Any, ...]:
+    return tuple(_tina_parse(gold, _tina_reward_targets()[grader][0]))
+
+
+def _grade_tina_reward(completion: str, gold: str, grader: str) -> GradeResult:
+    """One of Tina's reward-function gradings: "gold_unparsed" when Tina's gold parse found nothing.
+
+    The accuracy reward calls ``verify(gold, answer)``, the others ``verify(answer, gold)``; math-verify's
+    comparison is not symmetric (assignments, equations), so the order is kept. 0.5.2's ``precision=6`` is
+    ``float_rounding=6`` now; its timeouts are off here (the pool enforces the time limit).
+    """
+    mv, _, _ = _mv()
+    golds = list(_tina_reward_gold(gold, grader))
+    if not golds:
+        return False, None, "gold_unparsed"
+    preds = _tina_parse(completion, _tina_reward_targets()[grader][1])
+    first, second = (golds, preds) if grader == "tina_accuracy" else (preds, golds)
+    with legacy_052():
+        correct = bool(mv.verify(first, second, float_rounding=6, timeout_seconds=None))
+    extracted = next((p for p in preds if isinstance(p, str)), None)
+    if extracted is None and preds:
+        extracted = str(preds[0])
+    return correct, _clip(extracted), "ok" if preds else "no_answer"
 
 
 def _brace_depth(text: str) -> int:
@@ -215,13 +300,26 @@ def _grade_letter(completion: str, gold: str, strict: bool, letters: str) -> Gra
     return pred == gold_letter, pred, "ok"
 
 
-def grade(completion: str, gold: str, mode: str, strict: bool, letters: str = "ABCD") -> GradeResult:
+def grade(completion: str, gold: str, mode: str, strict: bool | str, letters: str = "ABCD") -> GradeResult:
     """Grade one completion against one gold answer, without a time limit.
 
-    Returns ``(correct, extracted, status)``; status is "ok", "no_answer" (nothing extracted from the
-    completion), "gold_unparsed" (the gold is not math: scored by string equality, or letter mismatch) or
-    "error" (an unexpected exception, scored wrong).
+    ``strict``: True/False (= "strict"/"lighteval") or one of ``GRADERS``. Returns ``(correct, extracted,
+    status)``; status is "ok", "no_answer" (nothing extracted from the completion), "gold_unparsed" (the gold is
+    not math: scored by string equality, or letter mismatch; for the Tina reward graders: Tina's gold parse found
+    nothing) or "error" (an unexpected exception, scored wrong).
     """
+    if isinstance(strict, str):
+        if strict not in GRADERS:
+            raise ValueError(f"grader={strict!r} is not one of {list(GRADERS)}")
+        if strict.startswith("tina_"):
+            try:
+                return _grade_tina_reward(completion, gold, strict)
+            except RecursionError:
+                return False, None, "error"
+            except Exception:  # math-verify catches its own errors; anything left is a checker bug or OOM
+                logging.getLogger(__name__).debug("grading failed", exc_info=True)
+                return False, None, "error"
+        strict = strict == "strict"
     try:
         if mode == "letter":
             return _grade_letter(completion, gold, strict, letters)

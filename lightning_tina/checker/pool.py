@@ -29,7 +29,7 @@ MAX_START_FAILURES = 3  # consecutive start failures before check() gives up wit
 DEFAULT_MEMORY_LIMIT_MB = 2048  # address-space cap of one worker (an idle one maps ~140 MB)
 _WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
 
-Job = tuple[str, str, str, bool, str]  # (completion, gold, mode, strict, letters)
+Job = tuple[str, str, str, "bool | str", str]  # (completion, gold, mode, strict or grader name, letters)
 Result = tuple[bool, "str | None", str]  # (correct, extracted, status)
 
 

@@ -11,14 +11,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-from lightning_tina.checker import GradingMode, Verdict, check_many
+from lightning_tina.checker import Grader, GradingMode, Verdict, check_many
 
 
 class VerdictScope:
     """Verdicts and timeout count of one scope."""
 
     def __init__(self) -> None:
-        self.cache: dict[tuple[str, str, str, bool], Verdict] = {}
+        self.cache: dict[tuple[str, str, str, str], Verdict] = {}
         self.timeouts = 0  # distinct checks in this scope that hit their time limit
 
 
@@ -37,18 +37,26 @@ def verdict_scope() -> Iterator[VerdictScope]:
 
 
 def answer_verdicts(
-    completions: Sequence[str], golds: Sequence[str], *, mode: GradingMode, strict: bool, timeout_s: float
+    completions: Sequence[str],
+    golds: Sequence[str],
+    *,
+    mode: GradingMode,
+    strict: bool = True,
+    timeout_s: float,
+    grader: Grader | None = None,
 ) -> list[Verdict]:
-    """``check_many``, reusing verdicts already computed in the current scope and counting its timeouts."""
+    """``check_many``, reusing verdicts already computed in the current scope and counting its timeouts.
+
+    ``grader`` overrides ``strict`` as in ``check_many``.
+    """
+    how: Grader = grader or ("strict" if strict else "lighteval")
     scope = _SCOPE.get()
     if scope is None:
-        return check_many(completions, golds, mode, strict=strict, timeout_s=timeout_s)
-    keys = [(c, g, mode, strict) for c, g in zip(completions, golds, strict=True)]
+        return check_many(completions, golds, mode, timeout_s=timeout_s, grader=how)
+    keys = [(c, g, mode, how) for c, g in zip(completions, golds, strict=True)]
     todo = list(dict.fromkeys(k for k in keys if k not in scope.cache))
     if todo:
-        fresh = check_many(
-            [k[0] for k in todo], [k[1] for k in todo], mode, strict=strict, timeout_s=timeout_s
-        )
+        fresh = check_many([k[0] for k in todo], [k[1] for k in todo], mode, timeout_s=timeout_s, grader=how)
         scope.timeouts += sum(v.status == "timeout" for v in fresh)
         scope.cache.update(zip(todo, fresh, strict=True))
     return [scope.cache[k] for k in keys]

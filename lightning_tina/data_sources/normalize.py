@@ -10,6 +10,11 @@ $...$ as Tina does (`f"${answer}$"`), so that math-verify reads it as LaTeX. Wor
   is a short one-line answer;
 - l1 variants add `target_length`, drawn uniformly from the entry's range with the caller's RNG.
 
+With `gold: tina` (the entry's `gold`) the gold follows Tina's `grpo.py` instead: the `solution` column verbatim
+when the row has one (a worked solution stays the gold; Tina's accuracy reward lets math-verify extract the answer
+from it), else f"${answer}$" with the answer untouched (no stripping, no check for existing delimiters). Entries
+whose Tina special case preferred the answer (DeepScaleR) say so in `tina_gold`.
+
 A row that breaks a rule raises RowError, which names the dataset, row, column and the mapping that fixes it; a
 caller streaming rows catches it, counts it by `kind`, and moves on.
 """
@@ -243,7 +248,14 @@ def normalize(
     label = source_of.get(problem_col, problem_col)
     out: dict[str, Any] = {"problem": _as_text(entry, canon[problem_col], index, label, "problem", raw_row)}
 
-    if "answer" in canon:
+    tina_col = _tina_gold_column(entry, canon)
+    if tina_col is not None:
+        label = source_of.get(tina_col, tina_col)
+        text = _as_text(entry, canon[tina_col], index, label, tina_col, raw_row)
+        out["solution"] = text if tina_col == "solution" else f"${text}$"
+        if tina_col == "answer" and canon.get("solution") is not None:
+            out["solution_archive"] = canon["solution"]
+    elif "answer" in canon:
         label = source_of.get("answer", "answer")
         out["solution"] = wrap_math(_as_text(entry, canon["answer"], index, label, "answer", raw_row))
         if canon.get("solution") is not None:
@@ -303,6 +315,15 @@ def normalize(
         low, high = entry.target_length_range
         out["target_length"] = rng.randint(low, high)  # both ends inclusive, as in Tina's random.randint
     return out
+
+
+def _tina_gold_column(entry: DatasetEntry, canon: dict[str, Any]) -> str | None:
+    """With `gold: tina`, the column Tina's script made the gold ("solution" or "answer"); None otherwise or when
+    the row has neither (the caller then reports the missing column)."""
+    if entry.gold != "tina":
+        return None
+    order = ("answer", "solution") if entry.tina_gold == "answer" else ("solution", "answer")
+    return next((c for c in order if c in canon), None)
 
 
 def validate_head(

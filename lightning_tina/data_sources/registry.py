@@ -12,7 +12,7 @@ import difflib
 import glob
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning_tina.prompts import resolve_system_prompt
 
@@ -31,6 +31,9 @@ DEFAULT_PROBLEM_ALIASES: tuple[str, ...] = ("problem", "question", "prompt")
 
 TINA_L1_TARGET_RANGE: tuple[int, int] = (100, 4000)
 """Tina's l1 runs draw the target length uniformly from this inclusive range (`random.randint(100, 4000)`)."""
+
+GoldRule = Literal["answer", "tina"]
+"""Where a row's gold (`solution`) comes from; see DataSource.gold."""
 
 
 @dataclass
@@ -55,6 +58,11 @@ class DataSource:
     system_prompt: str | None = None
     """Override Tina's per-dataset choice: "open_r1", "open_rs", "none", or the prompt text itself.
     None keeps Tina's choice (the open-rs prompt for knoveleng/open-rs, the Open-R1 prompt otherwise)."""
+    gold: GoldRule = "answer"
+    """Which column becomes the gold. "answer": the bare `answer` when the row has one (wrapped in $...$), else
+    the last \\boxed{} of a worked `solution` (a clean gold for any grader). "tina": the rule of Tina's
+    `grpo.py`: the `solution` column verbatim when the dataset has one (a worked solution, from which Tina's
+    math-verify call extracts the gold), else f"${answer}$" (DeepScaleR: the answer, as Tina's special case)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,10 @@ class DatasetEntry:
     """For l1 variants: inclusive range of the per-row target length drawn into `target_length`."""
     length_control: str | None = None
     """For l1 variants: "exact" or "max", the length reward Tina pairs with this data."""
+    gold: GoldRule = "answer"
+    """Where the gold comes from (DataSource.gold)."""
+    tina_gold: Literal["solution", "answer"] = "solution"
+    """With gold "tina": the column Tina's script made the gold when a row has both (DeepScaleR: "answer")."""
     notes: str = ""
     """Where the schema and the normalization come from, and how they differ from Tina's script."""
 
@@ -120,8 +132,9 @@ _DEEPSCALER_NOTES = (
 )
 _ANSWER_OVER_WORKED = (
     "Tina kept this dataset's worked `solution` as the gold (it has a `solution` column, so Tina's script does "
-    "not rename `answer`) and math-verify read the gold out of the worked text; here the `answer` column is the "
-    "gold (wrapped in $...$) and the worked solution goes to solution_archive."
+    "not rename `answer`) and math-verify read the gold out of the worked text. With `gold: answer` (the "
+    "default) the `answer` column is the gold (wrapped in $...$) and the worked solution goes to solution_archive; "
+    "`gold: tina` (configs/tina) keeps Tina's choice."
 )
 
 REGISTRY: dict[str, DatasetEntry] = {
@@ -130,7 +143,9 @@ REGISTRY: dict[str, DatasetEntry] = {
         "RUC-AIBOX/STILL-3-Preview-RL-Data",
         notes="Columns question, answer. Tina: question -> problem, answer -> solution wrapped in $...$.",
     ),
-    "deepscaler": _entry("deepscaler", "agentica-org/DeepScaleR-Preview-Dataset", notes=_DEEPSCALER_NOTES),
+    "deepscaler": _entry(
+        "deepscaler", "agentica-org/DeepScaleR-Preview-Dataset", tina_gold="answer", notes=_DEEPSCALER_NOTES
+    ),
     "2thought": _entry(
         "2thought",
         "Intelligent-Internet/II-Thought-RL-v0-Math-50K",
@@ -178,8 +193,8 @@ REGISTRY: dict[str, DatasetEntry] = {
         config="OpenThoughts-114k-math-default",
         notes=(
             "Columns source, problem, solution (worked, NuminaMath), messages, ... with no answer column. Tina kept "
-            "the worked solution as gold; here the gold is its last \\boxed{} (wrapped in $...$), the worked text "
-            "goes to solution_archive."
+            "the worked solution as gold (`gold: tina`); with `gold: answer` the gold is its last \\boxed{} "
+            "(wrapped in $...$) and the worked text goes to solution_archive."
         ),
     ),
     "l1_exact": _entry(
@@ -191,6 +206,8 @@ REGISTRY: dict[str, DatasetEntry] = {
             "DeepScaleR (Tina's map names it in a comment; the entry itself is commented out there) plus a "
             "per-row target length in [100, 4000] appended to the system prompt as '\\nThink for N tokens.'. "
             + _DEEPSCALER_NOTES
+            + " With `gold: tina` the gold is the worked solution: Tina's DeepScaleR case keys on the name "
+            "'deepscaler', which 'l1_exact' does not contain (its length rewards read no gold)."
         ),
     ),
     "l1_max": _entry(
@@ -250,6 +267,7 @@ def resolve(source: DataSource) -> DatasetEntry:
             config=source.config if source.config is not None else base.config,
             revision=source.revision,
             columns={**base.columns, **source.columns},
+            gold=source.gold,
         )
     else:
         files = _local_files(source.name)
@@ -261,6 +279,7 @@ def resolve(source: DataSource) -> DatasetEntry:
                 files=files,
                 file_format=_file_format(source.name, files),
                 columns=dict(source.columns),
+                gold=source.gold,
                 system_prompt=_tina_system_prompt(None),
                 notes="Local files, Tina's generic normalization.",
             )
@@ -272,6 +291,7 @@ def resolve(source: DataSource) -> DatasetEntry:
                 split=source.split,
                 revision=source.revision,
                 columns=dict(source.columns),
+                gold=source.gold,
                 system_prompt=_tina_system_prompt(source.name),
                 notes="Hub dataset, Tina's generic normalization.",
             )
@@ -282,6 +302,8 @@ def resolve(source: DataSource) -> DatasetEntry:
                 f"data source {source.name!r} is not a registry name ({', '.join(sorted(REGISTRY))}), a hub id "
                 f"('owner/dataset') or an existing local file. {hint}"
             )
+    if source.gold not in ("answer", "tina"):
+        raise ValueError(f"data.gold must be 'answer' or 'tina', got {source.gold!r}")
     if source.system_prompt is not None:
         entry = replace(entry, system_prompt=resolve_system_prompt(source.system_prompt))
     return entry

@@ -6,12 +6,25 @@ import logging
 from typing import Any, Literal
 
 from lightning_tina.rollout.base import RolloutEngine, SamplingConfig
-from lightning_tina.rollout.vllm import VLLM_INSTALL_HINT, VLLMConfig, VLLMEngine, vllm_available
+from lightning_tina.rollout.vllm import (
+    VLLM_INSTALL_HINT,
+    VLLMConfig,
+    VLLMEngine,
+    check_logprob_drift,
+    vllm_available,
+)
 
 EngineName = Literal["auto", "hf", "vllm"]
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineName", "RolloutEngine", "SamplingConfig", "VLLMConfig", "make_engine"]
+__all__ = [
+    "EngineName",
+    "RolloutEngine",
+    "SamplingConfig",
+    "VLLMConfig",
+    "check_logprob_drift",
+    "make_engine",
+]
 
 
 def make_engine(

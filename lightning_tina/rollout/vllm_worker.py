@@ -25,8 +25,7 @@ def add_lora_from_tensors(worker: Any, lora_id: int, tensors: dict[str, Tensor],
     from vllm.lora.peft_helper import PEFTHelper
     from vllm.lora.utils import parse_fine_tuned_lora_name
 
-    manager = worker.model_runner.lora_manager
-    adapters = manager._adapter_manager
+    manager, adapters = _lora_managers(worker)
     helper = PEFTHelper.from_dict({**cfg, "vllm_max_position_embeddings": manager.max_position_embeddings})
     helper.validate_legal(manager.lora_config)
     expected: set[str] = set()
@@ -45,6 +44,24 @@ def add_lora_from_tensors(worker: Any, lora_id: int, tensors: dict[str, Tensor],
         model_vocab_size=manager.vocab_size,
     )
     adapters.add_adapter(lora)
+
+
+def _lora_managers(worker: Any) -> tuple[Any, Any]:
+    """The worker's LoRA manager and the adapter manager inside it (private fields of vLLM 0.32's V1 and V2 model
+    runners), or a clear error when this vLLM lays them out differently."""
+    runner = getattr(worker, "model_runner", None)
+    manager = getattr(runner, "lora_manager", None)
+    adapters = getattr(manager, "_adapter_manager", None)
+    needed = ("supported_lora_modules", "packed_modules_mapping", "add_adapter")
+    missing = [n for n in ("lora_config", "max_position_embeddings", "vocab_size") if not hasattr(manager, n)]
+    missing += [n for n in needed if not hasattr(adapters, n)]
+    if manager is None or adapters is None or missing:
+        raise RuntimeError(
+            f"sync: rollout.vllm.sync_mode 'tensors' hands the adapter to vLLM's worker through internals that this "
+            f"vLLM ({type(runner).__name__}) does not have ({', '.join(missing) or 'lora_manager'}); set "
+            "rollout.vllm.sync_mode: files (the adapter is saved and loaded by path, vLLM's public API)."
+        )
+    return manager, adapters
 
 
 _FAST_PATH = {"on": False}  # read on every call, so an engine started with the fast path off runs vLLM's code

@@ -127,21 +127,12 @@ def build_model(cfg: BuildConfig, tok: PreTrainedTokenizerBase) -> Qwen2ForCausa
     if heads % cfg.num_kv_heads:
         raise ValueError(f"num_kv_heads {cfg.num_kv_heads} must divide the {heads} attention heads")
     config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        rope_theta=10000.0,
+        vocab_size=len(tok), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, rope_theta=10000.0,
         dtype="float32",
-    )
+    )  # fmt: skip
     return Qwen2ForCausalLM(config)
 
 
