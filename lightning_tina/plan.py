@@ -247,55 +247,116 @@ def plan_for(
         engines_on_gpu0 = before_fixes
     model = _get(cfg, "model.model")
     shape = shape or model_shape(model)
-    dtype_bytes = _DTYPE_BYTES.get(_get(cfg, "model.dtype", "float32"), 4)
-    lora_on = bool(_get(cfg, "model.lora.enabled", True))
-    r = int(_get(cfg, "model.lora.r", 32))
-    targets = list(_get(cfg, "model.lora.target_modules", []) or [])
-    g = _get(cfg, "model.grpo", {}) or {}
-    mb = int(g.get("micro_batch_size", 16))
-    batch = int(g.get("batch_size", 64))
-    gc = bool(g.get("gradient_checkpointing", False))
-    chunk = int(g.get("logprob_chunk_tokens", 1024))
-    prompt = int(_get(cfg, "data.max_prompt_length", 512))
-    new = int(_get(cfg, "rollout.sampling.max_new_tokens", 256))
-    engine = _get(cfg, "rollout.engine", "auto")
-    vllm = _get(cfg, "rollout.vllm", {}) or {}
-    util = float(vllm.get("gpu_memory_utilization", 0.4))
-    sleep = vllm.get("enable_sleep_mode")
-    sleep = True if sleep is None else bool(sleep)  # None: on with a GPU
-    max_len = vllm.get("max_model_len") or shape.max_positions
-    max_len = min(int(max_len), shape.max_positions)
-    devices = _devices(_get(cfg, "trainer", {}) or {})
-    uses_vllm = engine in ("vllm", "auto")
-    settings = dict(
-        model=model,
-        devices=devices,
-        micro_batch_size=mb,
-        max_prompt_length=prompt,
-        max_new_tokens=new,
-        completions=batch,
-        lora_r=r,
-        gradient_checkpointing=gc,
-        gpu_memory_utilization=util if uses_vllm else "-",
-        sleep_mode=sleep and uses_vllm,
-    )
-    plan = Plan(recipe, card_gb, settings)
-    p = plan.parts
+    s = _Settings.read(cfg, model, shape)
+    plan = Plan(recipe, card_gb, s.summary())
+    trainer = _trainer_memory(plan.parts, shape, s)
+    engines_here = s.devices if (engines_on_gpu0 and s.devices > 1 and s.uses_vllm) else 1
+    if s.uses_vllm:
+        generation, training = _vllm_phases(plan, shape, s, trainer, engines_here, before_fixes)
+    else:  # HF generate: the KV cache of every completion of the step at once
+        kv_all = s.batch * (s.prompt_tokens + s.new_tokens) * shape.kv_bytes_per_token(s.dtype_bytes) / GB
+        plan.parts["HF generate KV cache"] = kv_all
+        generation = trainer.resident + RUNTIME_GB + kv_all
+        training = trainer.peak + RUNTIME_GB
+    plan.parts["generation phase"] = generation
+    plan.parts["training phase"] = training
+    _advise(plan, s, trainer, generation, training, engines_here, before_fixes)
+    return plan
 
-    # trainer, resident through the whole step
-    p["base weights"] = shape.parameters() * dtype_bytes / GB
-    if lora_on:
-        n = shape.lora_parameters(r, targets)
+
+@dataclass(frozen=True)
+class _Settings:
+    """What the plan reads of a parsed config, with the defaults the trainer and the engine use."""
+
+    model: Any
+    dtype_bytes: int
+    lora_on: bool
+    lora_r: int
+    targets: list[str]
+    micro_batch: int
+    batch: int
+    checkpointing: bool
+    chunk: int
+    num_generations: Any  # read (as an int) only when the engine is vLLM
+    prompt_tokens: int
+    new_tokens: int
+    uses_vllm: bool
+    util: float
+    sleep: bool
+    max_len: int
+    devices: int
+
+    @classmethod
+    def read(cls, cfg: dict[str, Any], model: Any, shape: ModelShape) -> _Settings:
+        """The settings of `cfg`; `shape` caps rollout.vllm.max_model_len at the model's positions."""
+        g = _get(cfg, "model.grpo", {}) or {}
+        vllm = _get(cfg, "rollout.vllm", {}) or {}
+        return cls(  # read in this order, so that the first bad value raises
+            model=model,
+            dtype_bytes=_DTYPE_BYTES.get(_get(cfg, "model.dtype", "float32"), 4),
+            lora_on=bool(_get(cfg, "model.lora.enabled", True)),
+            lora_r=int(_get(cfg, "model.lora.r", 32)),
+            targets=list(_get(cfg, "model.lora.target_modules", []) or []),
+            micro_batch=int(g.get("micro_batch_size", 16)),
+            batch=int(g.get("batch_size", 64)),
+            checkpointing=bool(g.get("gradient_checkpointing", False)),
+            chunk=int(g.get("logprob_chunk_tokens", 1024)),
+            num_generations=g.get("num_generations", 1),
+            prompt_tokens=int(_get(cfg, "data.max_prompt_length", 512)),
+            new_tokens=int(_get(cfg, "rollout.sampling.max_new_tokens", 256)),
+            uses_vllm=_get(cfg, "rollout.engine", "auto") in ("vllm", "auto"),
+            util=float(vllm.get("gpu_memory_utilization", 0.4)),
+            # enable_sleep_mode None (the default): on with a GPU
+            sleep=vllm.get("enable_sleep_mode") is None or bool(vllm["enable_sleep_mode"]),
+            max_len=min(int(vllm.get("max_model_len") or shape.max_positions), shape.max_positions),
+            devices=_devices(_get(cfg, "trainer", {}) or {}),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The settings that `Plan.lines` prints."""
+        return dict(
+            model=self.model,
+            devices=self.devices,
+            micro_batch_size=self.micro_batch,
+            max_prompt_length=self.prompt_tokens,
+            max_new_tokens=self.new_tokens,
+            completions=self.batch,
+            lora_r=self.lora_r,
+            gradient_checkpointing=self.checkpointing,
+            gpu_memory_utilization=self.util if self.uses_vllm else "-",
+            sleep_mode=self.sleep and self.uses_vllm,
+        )
+
+
+@dataclass(frozen=True)
+class _TrainerMemory:
+    """The trainer's memory (GB), which both phases add to."""
+
+    resident: float
+    """Weights, adapter, gradients and optimizer state: there through the whole step."""
+    peak: float
+    """Resident + one micro-batch's activations + the log-prob chunk (without the runtime)."""
+    act_gc: float  # one micro-batch's activations with gradient checkpointing
+    act_full: float  # and without
+    activations: float
+    """The activations of the configured checkpointing (act_gc or act_full)."""
+
+
+def _trainer_memory(p: dict[str, float], shape: ModelShape, s: _Settings) -> _TrainerMemory:
+    """Add the trainer's parts to the plan's `p`: resident memory, the runtime, one micro-batch's activations."""
+    p["base weights"] = shape.parameters() * s.dtype_bytes / GB
+    if s.lora_on:
+        n = shape.lora_parameters(s.lora_r, s.targets)
         # float32 weight + gradient + AdamW's two moments, and DDP's gradient bucket (a float32 copy)
-        p["adapter + grads + AdamW"] = n * (4 + 4 + 8 + (4 if devices > 1 else 0)) / GB
+        p["adapter + grads + AdamW"] = n * (4 + 4 + 8 + (4 if s.devices > 1 else 0)) / GB
     else:
-        p["full weights' grads + AdamW"] = shape.parameters() * (dtype_bytes + 8 + 4) / GB
+        p["full weights' grads + AdamW"] = shape.parameters() * (s.dtype_bytes + 8 + 4) / GB
     resident = sum(p.values())
     p["runtime (CUDA context, NCCL)"] = RUNTIME_GB
 
     # training: one micro-batch at the longest prompt + completion
-    tokens = mb * (prompt + new)
-    per_layer = activation_bytes_per_token(shape, lora_on)
+    tokens = s.micro_batch * (s.prompt_tokens + s.new_tokens)
+    per_layer = activation_bytes_per_token(shape, s.lora_on)
     hidden_state = 2 * shape.hidden  # bf16 residual stream
     grad_work = 4 * shape.intermediate  # a layer's backward temporaries (MLP-sized gradients)
     act_gc = tokens * (shape.layers * hidden_state + per_layer + grad_work) / GB
@@ -303,76 +364,90 @@ def plan_for(
     p["activations, checkpointing on"] = act_gc
     p["activations, checkpointing off"] = act_full
     p["log-prob chunk"] = (
-        2.5 * 4 * shape.vocab * min(chunk, tokens) / GB
+        2.5 * 4 * shape.vocab * min(s.chunk, tokens) / GB
     )  # 2 float32 [chunk, V] + the bf16 matmul
-    activations = act_gc if gc else act_full
-    trainer_peak = resident + activations + p["log-prob chunk"]
+    activations = act_gc if s.checkpointing else act_full
+    peak = resident + activations + p["log-prob chunk"]
+    return _TrainerMemory(resident, peak, act_gc, act_full, activations)
 
-    # the engine
-    engines_here = devices if (engines_on_gpu0 and devices > 1 and uses_vllm) else 1
-    if uses_vllm:
-        share = util * card_gb
-        engine_weights = shape.parameters() * 2 / GB  # bf16 on GPU
-        kv = share - engine_weights - ENGINE_OVERHEAD_GB
-        p["vLLM share (utilization x card)"] = share
-        p["  of which weights"] = engine_weights
-        p["  of which KV cache"] = max(kv, 0.0)
-        kv_token = shape.kv_bytes_per_token()
-        capacity = max(kv, 0.0) * GB / kv_token
-        plan.notes.append(
-            f"the KV cache holds {capacity / 1000:.0f}k tokens ({kv_token / 1000:.1f} kB per token)"
+
+def _vllm_phases(
+    plan: Plan,
+    shape: ModelShape,
+    s: _Settings,
+    trainer: _TrainerMemory,
+    engines_here: int,
+    before_fixes: bool,
+) -> tuple[float, float]:
+    """(generation, training) GB with colocated vLLM engines; adds the engine's parts, its KV-cache note and the
+    advice when the KV cache cannot hold one max_model_len sequence."""
+    p, card_gb = plan.parts, plan.card_gb
+    share = s.util * card_gb
+    engine_weights = shape.parameters() * 2 / GB  # bf16 on GPU
+    kv = share - engine_weights - ENGINE_OVERHEAD_GB
+    p["vLLM share (utilization x card)"] = share
+    p["  of which weights"] = engine_weights
+    p["  of which KV cache"] = max(kv, 0.0)
+    kv_token = shape.kv_bytes_per_token()
+    capacity = max(kv, 0.0) * GB / kv_token
+    plan.notes.append(
+        f"the KV cache holds {capacity / 1000:.0f}k tokens ({kv_token / 1000:.1f} kB per token)"
+    )
+    per_rank_tokens = s.batch * s.new_tokens + (s.batch / max(1, int(s.num_generations))) * s.prompt_tokens
+    if capacity < s.max_len:
+        plan.advice.append(
+            f"the KV cache holds {capacity:.0f} tokens, less than one rollout.vllm.max_model_len={s.max_len} "
+            f"sequence (vLLM refuses to start): raise rollout.vllm.gpu_memory_utilization to at least "
+            f"{math.ceil(100 * (engine_weights + ENGINE_OVERHEAD_GB + s.max_len * kv_token / GB) / card_gb) / 100}"
+            " or lower max_model_len"
         )
-        per_rank_tokens = batch * new + (batch / max(1, int(g.get("num_generations", 1)))) * prompt
-        if capacity < max_len:
-            plan.advice.append(
-                f"the KV cache holds {capacity:.0f} tokens, less than one rollout.vllm.max_model_len={max_len} "
-                f"sequence (vLLM refuses to start): raise rollout.vllm.gpu_memory_utilization to at least "
-                f"{math.ceil(100 * (engine_weights + ENGINE_OVERHEAD_GB + max_len * kv_token / GB) / card_gb) / 100}"
-                " or lower max_model_len"
-            )
-        elif capacity < per_rank_tokens:
+    elif capacity < per_rank_tokens:
+        plan.notes.append(
+            f"the KV cache holds {capacity:.0f} of the {per_rank_tokens:.0f} tokens of a rank's step at full "
+            "length: vLLM runs them in waves (slower, not an error)"
+        )
+    asleep = ASLEEP_ENGINE_GB if s.sleep else share
+    generation = trainer.resident + RUNTIME_GB + engines_here * share
+    if before_fixes:
+        generation += trainer.peak - trainer.resident  # the cached peak was not returned before the wake-up
+        if engines_here > 1:
             plan.notes.append(
-                f"the KV cache holds {capacity:.0f} of the {per_rank_tokens:.0f} tokens of a rank's step at full "
-                "length: vLLM runs them in waves (slower, not an error)"
+                f"before the fix every rank's engine started on GPU 0: {engines_here} engines here"
             )
-        asleep = ASLEEP_ENGINE_GB if sleep else share
-        generation = resident + RUNTIME_GB + engines_here * share
-        if before_fixes:
-            generation += trainer_peak - resident  # the cached peak was not returned before the wake-up
-            if engines_here > 1:
-                plan.notes.append(
-                    f"before the fix every rank's engine started on GPU 0: {engines_here} engines here"
-                )
-        training = trainer_peak + RUNTIME_GB + engines_here * asleep
-    else:  # HF generate: the KV cache of every completion of the step at once
-        kv_all = batch * (prompt + new) * shape.kv_bytes_per_token(dtype_bytes) / GB
-        p["HF generate KV cache"] = kv_all
-        generation = resident + RUNTIME_GB + kv_all
-        training = trainer_peak + RUNTIME_GB
-    p["generation phase"] = generation
-    p["training phase"] = training
+    training = trainer.peak + RUNTIME_GB + engines_here * asleep
+    return generation, training
 
-    # what to change
+
+def _advise(
+    plan: Plan,
+    s: _Settings,
+    trainer: _TrainerMemory,
+    generation: float,
+    training: float,
+    engines_here: int,
+    before_fixes: bool,
+) -> None:
+    """Add to the plan's advice the setting to change for each phase that does not fit the card."""
+    card_gb = plan.card_gb
     if training > card_gb:
-        if not gc and training - act_full + act_gc <= card_gb:
+        if not s.checkpointing and training - trainer.act_full + trainer.act_gc <= card_gb:
             plan.advice.append("set model.grpo.gradient_checkpointing: true")
         else:
-            fixed = training - activations
-            per_seq = activations / mb
-            fit_mb = int((card_gb - fixed) // per_seq) if per_seq > 0 else mb
+            fixed = training - trainer.activations
+            per_seq = trainer.activations / s.micro_batch
+            fit_mb = int((card_gb - fixed) // per_seq) if per_seq > 0 else s.micro_batch
             plan.advice.append(
-                f"lower model.grpo.micro_batch_size (now {mb}; at most {max(fit_mb, 0)} fits)"
-                + ("" if gc else " or set model.grpo.gradient_checkpointing: true")
-                + ("" if sleep or not uses_vllm else ", or turn rollout.vllm.enable_sleep_mode on")
+                f"lower model.grpo.micro_batch_size (now {s.micro_batch}; at most {max(fit_mb, 0)} fits)"
+                + ("" if s.checkpointing else " or set model.grpo.gradient_checkpointing: true")
+                + ("" if s.sleep or not s.uses_vllm else ", or turn rollout.vllm.enable_sleep_mode on")
             )
-    if uses_vllm and generation > card_gb:
-        room = card_gb - (generation - engines_here * util * card_gb)
+    if s.uses_vllm and generation > card_gb:
+        room = card_gb - (generation - engines_here * s.util * card_gb)
         best = math.floor(100 * room / (engines_here * card_gb)) / 100
         plan.advice.append(
-            f"lower rollout.vllm.gpu_memory_utilization (now {util}; at most {best:.2f} fits)"
+            f"lower rollout.vllm.gpu_memory_utilization (now {s.util}; at most {best:.2f} fits)"
             + (" and return the trainer's cache before waking the engine (issue 17)" if before_fixes else "")
         )
-    return plan
 
 
 def parse_recipe(path: str, overrides: list[str] | None = None) -> dict[str, Any]:

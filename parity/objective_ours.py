@@ -167,7 +167,6 @@ def main() -> None:
     ]
     batch = PromptBatch(
         prompt_ids=[list(p) for p in case_file["prompt_ids"]],
-        prompts=list(case["problems"]),
         rows=rows,
         position=None,
     )

@@ -25,6 +25,7 @@ import json
 import random
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from lightning_tina.data_sources.registry import DatasetEntry
@@ -210,9 +211,53 @@ def normalize(
     `row_rng(seed, epoch, index)` so that resumed runs redraw the same ones). `check_answer` runs math-verify on
     the gold (a few milliseconds per row). Raises RowError.
     """
-    cols = list(raw_row)
+    row = _map_columns(entry, raw_row, index)
+    problem_label, problem = _problem(row)
+    out: dict[str, Any] = {"problem": problem, **_gold(row, problem_label)}
+    if check_answer:
+        _check_gold(row, out["solution"])
+    for dst in row.source_of:
+        if dst not in ("problem", "answer", "solution"):
+            out[dst] = row.canon[dst]
+    if entry.target_length_range is not None:
+        if rng is None:
+            raise ValueError(
+                f"dataset {entry.name!r} is an l1 variant: pass rng=row_rng(seed, epoch, index)."
+            )
+        low, high = entry.target_length_range
+        out["target_length"] = rng.randint(low, high)  # both ends inclusive, as in Tina's random.randint
+    return out
+
+
+@dataclass
+class _Row:
+    """One row being normalized, with what every rule and error message needs of it."""
+
+    entry: DatasetEntry
+    raw: dict[str, Any]
+    index: int | None
+    canon: dict[str, Any]
+    """The row after the column mapping: mapped columns under their new names, renamed ones gone."""
+    source_of: dict[str, str]
+    """Our column -> the source column/path it came from."""
+
+    def label(self, column: str) -> str:
+        """The name a user knows `column` by: the source it was mapped from, else itself."""
+        return self.source_of.get(column, column)
+
+    def error(self, column: str, kind: RowErrorKind, reason: str, fix: str) -> RowError:
+        """A RowError about this row."""
+        return RowError(self.entry, self.index, column, kind, reason, fix, list(self.raw))
+
+    def text(self, column: str, what: str) -> str:
+        """The value of `column` (after mapping) as non-empty text; `what` names it in errors."""
+        return _as_text(self.entry, self.canon[column], self.index, self.label(column), what, self.raw)
+
+
+def _map_columns(entry: DatasetEntry, raw_row: dict[str, Any], index: int | None) -> _Row:
+    """Apply the entry's column mapping, so that the rules below read every column under our names."""
     canon = dict(raw_row)
-    source_of: dict[str, str] = {}  # our column -> the source column/path it came from
+    source_of: dict[str, str] = {}
     for src, dst in entry.columns.items():
         try:
             canon[dst] = get_path(raw_row, src)
@@ -224,97 +269,84 @@ def normalize(
                 "missing_column",
                 f"the mapped source is missing ({err.args[0]})",
                 f"correct or remove the mapping `{src}: {dst}`",
-                cols,
+                list(raw_row),
             ) from None
         source_of[dst] = src
     for dst, src in source_of.items():  # a renamed column is not also read under its old name
         if src != dst and src in canon and src not in source_of:
             del canon[src]
+    return _Row(entry, raw_row, index, canon, source_of)
 
+
+def _problem(row: _Row) -> tuple[str, str]:
+    """(the problem column's label, the problem text): the mapped column, else the first alias the row has."""
+    entry = row.entry
     problem_col = (
-        "problem" if "problem" in source_of else next((a for a in entry.problem_aliases if a in canon), None)
+        "problem"
+        if "problem" in row.source_of
+        else next((a for a in entry.problem_aliases if a in row.canon), None)
     )
     if problem_col is None:
-        fix = _suggest(raw_row, _PROBLEM_HINTS, "problem", set(source_of.values()))
-        raise RowError(
-            entry,
-            index,
-            "problem",
-            "missing_column",
-            f"no problem column (looked for {list(entry.problem_aliases)})",
-            fix,
-            cols,
+        fix = _suggest(row.raw, _PROBLEM_HINTS, "problem", set(row.source_of.values()))
+        raise row.error(
+            "problem", "missing_column", f"no problem column (looked for {list(entry.problem_aliases)})", fix
         )
-    label = source_of.get(problem_col, problem_col)
-    out: dict[str, Any] = {"problem": _as_text(entry, canon[problem_col], index, label, "problem", raw_row)}
+    return row.label(problem_col), row.text(problem_col, "problem")
 
-    tina_col = _tina_gold_column(entry, canon)
+
+def _gold(row: _Row, problem_label: str) -> dict[str, Any]:
+    """{"solution": the gold, maybe "solution_archive": the worked solution}, by the rules of the module
+    docstring (`problem_label` is kept out of the mapping suggested when the row has no answer)."""
+    canon = row.canon
+    tina_col = _tina_gold_column(row.entry, canon)
     if tina_col is not None:
-        label = source_of.get(tina_col, tina_col)
-        text = _as_text(entry, canon[tina_col], index, label, tina_col, raw_row)
-        out["solution"] = text if tina_col == "solution" else f"${text}$"
+        text = row.text(tina_col, tina_col)
+        out = {"solution": text if tina_col == "solution" else f"${text}$"}
         if tina_col == "answer" and canon.get("solution") is not None:
             out["solution_archive"] = canon["solution"]
-    elif "answer" in canon:
-        label = source_of.get("answer", "answer")
-        out["solution"] = wrap_math(_as_text(entry, canon["answer"], index, label, "answer", raw_row))
+        return out
+    if "answer" in canon:
+        out = {"solution": wrap_math(row.text("answer", "answer"))}
         if canon.get("solution") is not None:
             out["solution_archive"] = canon["solution"]
-    elif "solution" in canon:
-        label = source_of.get("solution", "solution")
-        text = _as_text(entry, canon["solution"], index, label, "solution", raw_row)
-        boxed = last_boxed(text)
-        if boxed:
-            out["solution"], out["solution_archive"] = wrap_math(boxed), text
-        elif "\n" not in text.strip() and len(text) <= _BARE_ANSWER_MAX_CHARS:
-            out["solution"] = wrap_math(text)
-        else:
-            raise RowError(
-                entry,
-                index,
-                label,
-                "unparseable",
-                "it looks like a worked solution without \\boxed{}, so there is no final answer to check",
-                _suggest(raw_row, _ANSWER_HINTS, "answer", {label}),
-                cols,
-            )
-    else:
-        fix = _suggest(raw_row, _ANSWER_HINTS, "answer", set(source_of.values()) | {label})
-        raise RowError(
-            entry,
-            index,
-            "answer",
-            "missing_column",
-            "no answer column (looked for 'answer', then 'solution')",
-            fix,
-            cols,
-        )
+        return out
+    if "solution" in canon:
+        return _gold_from_solution(row)
+    fix = _suggest(row.raw, _ANSWER_HINTS, "answer", set(row.source_of.values()) | {problem_label})
+    raise row.error(
+        "answer", "missing_column", "no answer column (looked for 'answer', then 'solution')", fix
+    )
 
-    if check_answer and answer_parse_status(out["solution"]) == "none":
-        col = source_of.get(
-            "answer", "answer" if "answer" in canon else source_of.get("solution", "solution")
+
+def _gold_from_solution(row: _Row) -> dict[str, Any]:
+    """The gold of a row with a "solution" column and no answer: its last \\boxed{...}, or a short bare answer."""
+    label = row.label("solution")
+    text = row.text("solution", "solution")
+    boxed = last_boxed(text)
+    if boxed:
+        return {"solution": wrap_math(boxed), "solution_archive": text}
+    if "\n" not in text.strip() and len(text) <= _BARE_ANSWER_MAX_CHARS:
+        return {"solution": wrap_math(text)}
+    raise row.error(
+        label,
+        "unparseable",
+        "it looks like a worked solution without \\boxed{}, so there is no final answer to check",
+        _suggest(row.raw, _ANSWER_HINTS, "answer", {label}),
+    )
+
+
+def _check_gold(row: _Row, solution: str) -> None:
+    """Refuse a gold from which math-verify extracts nothing: no completion could be graded against it."""
+    if answer_parse_status(solution) == "none":
+        col = row.source_of.get(
+            "answer", "answer" if "answer" in row.canon else row.source_of.get("solution", "solution")
         )
-        raise RowError(
-            entry,
-            index,
+        raise row.error(
             col,
             "unparseable",
-            f"math-verify extracts no answer from {out['solution']!r}",
+            f"math-verify extracts no answer from {solution!r}",
             "fix the answer text, or map the column that holds the final answer to `answer`",
-            cols,
         )
-
-    for dst in source_of:
-        if dst not in ("problem", "answer", "solution"):
-            out[dst] = canon[dst]
-    if entry.target_length_range is not None:
-        if rng is None:
-            raise ValueError(
-                f"dataset {entry.name!r} is an l1 variant: pass rng=row_rng(seed, epoch, index)."
-            )
-        low, high = entry.target_length_range
-        out["target_length"] = rng.randint(low, high)  # both ends inclusive, as in Tina's random.randint
-    return out
 
 
 def _tina_gold_column(entry: DatasetEntry, canon: dict[str, Any]) -> str | None:

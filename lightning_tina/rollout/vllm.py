@@ -135,6 +135,11 @@ class VLLMConfig:
         def bad(field: str, value: Any, need: str) -> ValueError:
             return ValueError(f"rollout.vllm.{field}={value!r}: {need}.")
 
+        def in_process_only(field: str, value: str, why: str, instead: str) -> None:
+            """Refuse a choice that needs the in-process engine when tensor parallelism starts workers."""
+            if self.tensor_parallel_size != 1:
+                raise bad(field, value, f"{value!r} needs tensor_parallel_size=1 ({why}); use {instead!r}")
+
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise bad("gpu_memory_utilization", self.gpu_memory_utilization, "must be in (0, 1]")
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -151,19 +156,13 @@ class VLLMConfig:
             raise bad("max_num_batched_tokens", self.max_num_batched_tokens, "must be at least 1 (or null)")
         if self.sync_mode not in ("auto", "files", "tensors"):
             raise bad("sync_mode", self.sync_mode, "use 'auto', 'files' or 'tensors'")
-        if self.sync_mode == "tensors" and self.tensor_parallel_size != 1:
-            raise bad(
-                "sync_mode",
-                self.sync_mode,
-                "'tensors' needs tensor_parallel_size=1 (an in-process worker); use 'files'",
-            )
+        if self.sync_mode == "tensors":
+            in_process_only("sync_mode", self.sync_mode, "an in-process worker", "files")
         if self.weight_sync not in ("auto", "lora", "merged"):
             raise bad("weight_sync", self.weight_sync, "use 'auto', 'lora' or 'merged'")
-        if self.weight_sync == "merged" and self.tensor_parallel_size != 1:
-            raise bad(
-                "weight_sync",
-                self.weight_sync,
-                "'merged' needs tensor_parallel_size=1 (weights are loaded into the in-process model); use 'lora'",
+        if self.weight_sync == "merged":
+            in_process_only(
+                "weight_sync", self.weight_sync, "weights are loaded into the in-process model", "lora"
             )
         if self.engine_logprobs not in ("processed", "raw"):
             raise bad("engine_logprobs", self.engine_logprobs, "use 'processed' or 'raw'")
@@ -273,20 +272,32 @@ class VLLMEngine(RolloutEngine):
         if not prompt_ids:
             return []
         llm = self._engine(len(prompt_ids) * n)
-        limit = llm.llm_engine.model_config.max_model_len
-        for i, ids in enumerate(prompt_ids):
-            if not ids or len(ids) + sampling.max_new_tokens > limit:
-                raise ValueError(
-                    f"generate: prompt {i} has {len(ids)} tokens; prompt + max_new_tokens "
-                    f"({sampling.max_new_tokens}) must be between 1 and rollout.vllm.max_model_len ({limit}). "
-                    "Raise max_model_len or shorten the prompt / completion."
-                )
-        from vllm import SamplingParams
+        _check_prompt_lengths(prompt_ids, sampling.max_new_tokens, llm.llm_engine.model_config.max_model_len)
         from vllm.inputs import TokensPrompt
+
+        params = self._sampling_params(sampling, n, len(prompt_ids))
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
+        # In-process sampling draws from the global RNG even for seeded requests: keep the trainer's stream out.
+        rng = _rng_state()
+        try:
+            with self._engine_scope():
+                self._wake()  # weights and adapters are written into memory that sleep releases
+                self._weights.push(llm, self._lora_enabled)
+                outputs = llm.generate(
+                    prompts, params, lora_request=self._weights.lora_request, use_tqdm=False
+                )
+                self._sleep()
+        finally:
+            _set_rng_state(rng)
+        return _generations(outputs)
+
+    def _sampling_params(self, sampling: SamplingConfig, n: int, num_prompts: int) -> list[Any]:
+        """One vLLM SamplingParams per prompt, each with its own seed so that every completion is reproducible."""
+        from vllm import SamplingParams
 
         # One seed per call, drawn from torch's (checkpointed) RNG when not given: reproducible and resumable.
         base = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-        params = [
+        return [
             SamplingParams(
                 n=n,
                 temperature=sampling.temperature,
@@ -302,32 +313,8 @@ class VLLMEngine(RolloutEngine):
                 logprobs=0,  # only the sampled token's log-prob
                 seed=base + i * n,  # vLLM seeds the j-th completion with seed + j
             )
-            for i in range(len(prompt_ids))
+            for i in range(num_prompts)
         ]
-        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
-        # In-process sampling draws from the global RNG even for seeded requests: keep the trainer's stream out.
-        rng = _rng_state()
-        try:
-            with self._engine_scope():
-                self._wake()  # weights and adapters are written into memory that sleep releases
-                self._weights.push(llm, self._lora_enabled)
-                outputs = llm.generate(
-                    prompts, params, lora_request=self._weights.lora_request, use_tqdm=False
-                )
-                self._sleep()
-        finally:
-            _set_rng_state(rng)
-        generations: list[Generation] = []
-        for out in outputs:
-            for comp in sorted(out.outputs, key=lambda c: c.index):
-                if comp.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(
-                        f"vLLM returned finish_reason={comp.finish_reason!r} for a completion."
-                    )
-                ids = list(comp.token_ids)
-                logprobs = [step[t].logprob for step, t in zip(comp.logprobs, ids, strict=True)]
-                generations.append(Generation(ids, logprobs, comp.finish_reason))
-        return generations
 
     def close(self) -> None:
         """Shut the engine down and delete the adapter files."""
@@ -510,6 +497,30 @@ class VLLMEngine(RolloutEngine):
         if self._llm is None or not self._lora_enabled:
             return set()
         return set(self._llm.llm_engine.list_loras())
+
+
+def _check_prompt_lengths(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, limit: int) -> None:
+    """Refuse, before anything is generated, a prompt that is empty or leaves no room for the completion."""
+    for i, ids in enumerate(prompt_ids):
+        if not ids or len(ids) + max_new_tokens > limit:
+            raise ValueError(
+                f"generate: prompt {i} has {len(ids)} tokens; prompt + max_new_tokens "
+                f"({max_new_tokens}) must be between 1 and rollout.vllm.max_model_len ({limit}). "
+                "Raise max_model_len or shorten the prompt / completion."
+            )
+
+
+def _generations(outputs: list[Any]) -> list[Generation]:
+    """vLLM's request outputs as Generations, group-major, completions in index order."""
+    generations: list[Generation] = []
+    for out in outputs:
+        for comp in sorted(out.outputs, key=lambda c: c.index):
+            if comp.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"vLLM returned finish_reason={comp.finish_reason!r} for a completion.")
+            ids = list(comp.token_ids)
+            logprobs = [step[t].logprob for step, t in zip(comp.logprobs, ids, strict=True)]
+            generations.append(Generation(ids, logprobs, comp.finish_reason))
+    return generations
 
 
 def default_max_num_seqs(num_seqs: int | None) -> int:

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +46,7 @@ _PARTIAL_RELOAD_LOGGERS = (
 )
 
 
+@dataclass(eq=False, repr=False)  # compared by identity, and no repr of the (large) pending snapshot
 class WeightSync:
     """Snapshots the policy at `sync` time and loads the snapshot into vLLM before the next generation.
 
@@ -57,26 +59,18 @@ class WeightSync:
         adapter_dir: where "files" writes adapters (None: /dev/shm when writable, else the temp folder).
     """
 
-    def __init__(
-        self,
-        method: WeightSyncMethod,
-        transport: AdapterTransport,
-        max_lora_rank: int,
-        dtype: torch.dtype,
-        adapter_dir: str | None = None,
-    ) -> None:
-        self.method = method
-        self.transport = transport
-        self.max_lora_rank = max_lora_rank
-        self.dtype = dtype
-        self.adapter_dir = adapter_dir
-        self.lora_request: Any = None
-        """The LoRARequest that `generate` passes (None when the engine serves plain weights)."""
-        # ("files", folder), ("tensors", (tensors, config)), ("weights", [(hf_name, tensor)]) (all of them) or
-        # ("merged", [(hf_name, tensor)]) (the blocks with LoRA targets)
-        self._pending: tuple[str, Any] | None = None
-        self._lora_id = 0  # a fresh vLLM adapter id for every version
-        self._adapter_root: Path | None = None
+    method: WeightSyncMethod
+    transport: AdapterTransport
+    max_lora_rank: int
+    dtype: torch.dtype
+    adapter_dir: str | None = None
+    lora_request: Any = field(default=None, init=False)
+    """The LoRARequest that `generate` passes (None when the engine serves plain weights)."""
+    # ("files", folder), ("tensors", (tensors, config)), ("weights", [(hf_name, tensor)]) (all of them) or
+    # ("merged", [(hf_name, tensor)]) (the blocks with LoRA targets)
+    _pending: tuple[str, Any] | None = field(default=None, init=False)
+    _lora_id: int = field(default=0, init=False)  # a fresh vLLM adapter id for every version
+    _adapter_root: Path | None = field(default=None, init=False)
 
     def snapshot(self, policy: torch.nn.Module) -> None:
         """Copy what the next `push` loads; a snapshot that was never pushed is dropped."""

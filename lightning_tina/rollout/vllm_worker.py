@@ -8,6 +8,7 @@ own code otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,6 +66,8 @@ def _lora_managers(worker: Any) -> tuple[Any, Any]:
 
 
 _FAST_PATH = {"on": False}  # read on every call, so an engine started with the fast path off runs vLLM's code
+# vLLM's own punica_cpu functions, saved when the fast path goes in (the fallback of every fast op)
+_ORIGINAL: dict[str, Callable[..., None]] = {}
 
 
 def install_cpu_single_lora_fast_path(enabled: bool = True) -> bool:
@@ -78,116 +81,105 @@ def install_cpu_single_lora_fast_path(enabled: bool = True) -> bool:
     """
     from vllm.lora.punica_wrapper import punica_cpu
 
-    names = (
-        "bgmv_shrink",
-        "bgmv_expand",
-        "bgmv_expand_slice",
-        "sgmv_shrink",
-        "sgmv_expand",
-        "sgmv_expand_slice",
-    )
     _FAST_PATH["on"] = False
     if getattr(punica_cpu, "_tina_fast_path", False):
         _FAST_PATH["on"] = enabled
         return enabled
-    if not enabled or not all(callable(getattr(punica_cpu, n, None)) for n in names):
+    if not enabled or not all(callable(getattr(punica_cpu, n, None)) for n in _FAST_OPS):
         return False
-    orig = {n: getattr(punica_cpu, n) for n in names}
-
-    def single(indices: Tensor, weights: Tensor) -> Tensor | None:
-        """The one adapter's matrix [out, in] when all tokens use the same adapter slot, else None."""
-        if (
-            not _FAST_PATH["on"]
-            or indices.numel() == 0
-            or int(indices[0]) < 0
-            or not bool((indices == indices[0]).all())
-        ):
-            return None
-        w = weights[int(indices[0])]  # [1, out, in] or [out, in]
-        return w.squeeze(0) if w.dim() == 3 else w
-
-    def bgmv_shrink(x: Tensor, w_all: Tensor, out: Tensor, idx: Tensor, scaling: float = 1.0) -> None:
-        w = single(idx, w_all)
-        if w is None:
-            return orig["bgmv_shrink"](x, w_all, out, idx, scaling)
-        y = x.to(out.dtype) @ w.to(out.dtype).T  # [T, r]
-        out[:, : y.shape[1]] = scaling * y
-
-    def bgmv_expand(x: Tensor, w_all: Tensor, out: Tensor, idx: Tensor, add_inputs: bool = True) -> None:
-        w = single(idx, w_all)
-        if w is None:
-            return orig["bgmv_expand"](x, w_all, out, idx, add_inputs)
-        y = x.to(out.dtype) @ w.to(out.dtype).T  # [T, out]
-        limit = 1 if y.shape[0] == 1 and out.shape[0] != 1 else out.shape[0]  # as vLLM's bgmv_expand
-        width = min(y.shape[1], out.shape[1])
-        if add_inputs:
-            out[:, :width] += y[:limit, :width]
-        else:
-            out[:, :width] = y[:limit, :width]
-
-    def bgmv_expand_slice(
-        x: Tensor, w_all: Tensor, out: Tensor, idx: Tensor, offset: int, size: int, add_inputs: bool = True
-    ) -> None:
-        w = single(idx, w_all)
-        if w is None:
-            return orig["bgmv_expand_slice"](x, w_all, out, idx, offset, size, add_inputs)
-        y = x.to(out.dtype) @ w.to(out.dtype).T  # [T, size]
-        if add_inputs:
-            out[:, offset : offset + size] += y
-        else:
-            out[:, offset : offset + size] = y
-
-    # The prefill (sgmv) variants give one adapter index per sequence; expand it to one per token.
-    def sgmv_shrink(
-        x: Tensor,
-        w_all: Tensor,
-        out: Tensor,
-        starts: Tensor,
-        lens: Tensor,
-        idx: Tensor,
-        batches: int,
-        max_len: int,
-        tokens: int,
-        scaling: float,
-    ) -> None:
-        bgmv_shrink(x, w_all, out, torch.repeat_interleave(idx, lens), scaling)
-
-    def sgmv_expand(
-        x: Tensor,
-        w_all: Tensor,
-        out: Tensor,
-        starts: Tensor,
-        lens: Tensor,
-        idx: Tensor,
-        batches: int,
-        max_len: int,
-        tokens: int,
-        add: bool = False,
-    ) -> None:
-        bgmv_expand(x, w_all, out, torch.repeat_interleave(idx, lens), add)
-
-    def sgmv_expand_slice(
-        x: Tensor,
-        w_all: Tensor,
-        out: Tensor,
-        starts: Tensor,
-        lens: Tensor,
-        idx: Tensor,
-        batches: int,
-        max_len: int,
-        tokens: int,
-        offset: int,
-        size: int,
-        add: bool = False,
-    ) -> None:
-        bgmv_expand_slice(x, w_all, out, torch.repeat_interleave(idx, lens), offset, size, add)
-
-    fast = (bgmv_shrink, bgmv_expand, bgmv_expand_slice, sgmv_shrink, sgmv_expand, sgmv_expand_slice)
-    for name, fn in zip(names, fast, strict=True):
+    _ORIGINAL.update({n: getattr(punica_cpu, n) for n in _FAST_OPS})
+    for name, fn in _FAST_OPS.items():
         setattr(punica_cpu, name, fn)
     punica_cpu._tina_fast_path = True
     _FAST_PATH["on"] = True
     return True
+
+
+def _single(indices: Tensor, weights: Tensor) -> Tensor | None:
+    """The one adapter's matrix [out, in] when all tokens use the same adapter slot, else None."""
+    if (
+        not _FAST_PATH["on"]
+        or indices.numel() == 0
+        or int(indices[0]) < 0
+        or not bool((indices == indices[0]).all())
+    ):
+        return None
+    w = weights[int(indices[0])]  # [1, out, in] or [out, in]
+    return w.squeeze(0) if w.dim() == 3 else w
+
+
+def _bgmv_shrink(x: Tensor, w_all: Tensor, out: Tensor, idx: Tensor, scaling: float = 1.0) -> None:
+    """vLLM's `bgmv_shrink` (x @ A^T into out, scaled) as one matmul for a single adapter."""
+    w = _single(idx, w_all)
+    if w is None:
+        return _ORIGINAL["bgmv_shrink"](x, w_all, out, idx, scaling)
+    y = x.to(out.dtype) @ w.to(out.dtype).T  # [T, r]
+    out[:, : y.shape[1]] = scaling * y
+
+
+def _bgmv_expand(x: Tensor, w_all: Tensor, out: Tensor, idx: Tensor, add_inputs: bool = True) -> None:
+    """vLLM's `bgmv_expand` (x @ B^T into or onto out) as one matmul for a single adapter."""
+    w = _single(idx, w_all)
+    if w is None:
+        return _ORIGINAL["bgmv_expand"](x, w_all, out, idx, add_inputs)
+    y = x.to(out.dtype) @ w.to(out.dtype).T  # [T, out]
+    limit = 1 if y.shape[0] == 1 and out.shape[0] != 1 else out.shape[0]  # as vLLM's bgmv_expand
+    width = min(y.shape[1], out.shape[1])
+    if add_inputs:
+        out[:, :width] += y[:limit, :width]
+    else:
+        out[:, :width] = y[:limit, :width]
+
+
+def _bgmv_expand_slice(
+    x: Tensor, w_all: Tensor, out: Tensor, idx: Tensor, offset: int, size: int, add_inputs: bool = True
+) -> None:
+    """vLLM's `bgmv_expand_slice` (x @ B^T into or onto columns offset:offset+size) as one matmul."""
+    w = _single(idx, w_all)
+    if w is None:
+        return _ORIGINAL["bgmv_expand_slice"](x, w_all, out, idx, offset, size, add_inputs)
+    y = x.to(out.dtype) @ w.to(out.dtype).T  # [T, size]
+    if add_inputs:
+        out[:, offset : offset + size] += y
+    else:
+        out[:, offset : offset + size] = y
+
+
+def _prefill(decode: Callable[..., None], add_at: int | None) -> Callable[..., None]:
+    """A prefill (sgmv) op made from a decode (bgmv) op, as vLLM makes its own: sgmv gives one adapter index per
+    sequence, repeated here for each of its tokens. The arguments after vLLM's prefill metadata (scaling; add;
+    offset, size, add) pass on; an expand op's `add`, at position `add_at` among them, is False when left out, as
+    in vLLM's sgmv ops (their bgmv ops default to True)."""
+
+    def sgmv(
+        x: Tensor,
+        w_all: Tensor,
+        out: Tensor,
+        starts: Tensor,
+        lens: Tensor,
+        idx: Tensor,
+        batches: int,
+        max_len: int,
+        tokens: int,
+        *args: Any,
+    ) -> None:
+        """vLLM's sgmv signature: the prefill metadata (starts ... tokens), then `args`."""
+        if add_at is not None and len(args) == add_at:
+            args = (*args, False)
+        decode(x, w_all, out, torch.repeat_interleave(idx, lens), *args)
+
+    return sgmv
+
+
+_FAST_OPS: dict[str, Callable[..., None]] = {
+    "bgmv_shrink": _bgmv_shrink,
+    "bgmv_expand": _bgmv_expand,
+    "bgmv_expand_slice": _bgmv_expand_slice,
+    "sgmv_shrink": _prefill(_bgmv_shrink, add_at=None),
+    "sgmv_expand": _prefill(_bgmv_expand, add_at=0),
+    "sgmv_expand_slice": _prefill(_bgmv_expand_slice, add_at=2),
+}
+"""The punica_cpu functions that the fast path replaces, by name."""
 
 
 CPU_NORM_PROVIDER = "lightning_tina_cpu"
@@ -208,6 +200,21 @@ def install_cpu_rms_norm() -> dict[str, list[str]] | None:
     CPU, 18M Qwen2 in bf16, 32 x 64 tokens: 4x faster per call, generation 4-7% faster
     (bench/README_rollout.md).
     """
+    ops = _cpu_norm_ops()
+    if ops is None:
+        return None
+    if CPU_NORM_PROVIDER not in ops.rms_norm.impls:
+        ops.rms_norm.register_impl(CPU_NORM_PROVIDER, supports_args=_compiled_takes)(_compiled_rms_norm)
+        ops.fused_add_rms_norm.register_impl(
+            CPU_NORM_PROVIDER, supports_args=_compiled_takes_add, inplace=True
+        )(_compiled_fused_add_rms_norm)
+    order = [CPU_NORM_PROVIDER, "native"]
+    return {"rms_norm": order, "fused_add_rms_norm": list(order)}
+
+
+def _cpu_norm_ops() -> Any:
+    """vLLM's IR ops (`vllm.ir.ops`) on a CPU platform whose build has the compiled norms, with those kernels
+    loaded; None elsewhere (no vLLM, a GPU platform, or a vLLM without these ops)."""
     try:
         from vllm import ir
         from vllm.platforms import current_platform
@@ -224,41 +231,44 @@ def install_cpu_rms_norm() -> dict[str, list[str]] | None:
         or not hasattr(torch.ops._C, "fused_add_rms_norm")
     ):
         return None
-    if CPU_NORM_PROVIDER not in ops.rms_norm.impls:
+    return ops
 
-        def takes(x: Tensor, weight: Tensor | None, epsilon: float, variance_size: int | None = None) -> bool:
-            return (
-                variance_size is None and weight is not None and weight.dtype == x.dtype and x.is_contiguous()
-            )
 
-        def takes_add(
-            x: Tensor,
-            x_residual: Tensor,
-            weight: Tensor | None,
-            epsilon: float,
-            variance_size: int | None = None,
-        ) -> bool:
-            return takes(x, weight, epsilon, variance_size) and x_residual.is_contiguous()
+def _compiled_takes(
+    x: Tensor, weight: Tensor | None, epsilon: float, variance_size: int | None = None
+) -> bool:
+    """Whether the compiled `rms_norm` handles these arguments (else vLLM runs its native one)."""
+    return variance_size is None and weight is not None and weight.dtype == x.dtype and x.is_contiguous()
 
-        @ops.rms_norm.register_impl(CPU_NORM_PROVIDER, supports_args=takes)
-        def rms_norm(
-            x: Tensor, weight: Tensor | None, epsilon: float, variance_size: int | None = None
-        ) -> Tensor:
-            out = torch.empty_like(x)
-            torch.ops._C.rms_norm(out, x, weight, epsilon)
-            return out
 
-        @ops.fused_add_rms_norm.register_impl(CPU_NORM_PROVIDER, supports_args=takes_add, inplace=True)
-        def fused_add_rms_norm(
-            x: Tensor,
-            x_residual: Tensor,
-            weight: Tensor | None,
-            epsilon: float,
-            variance_size: int | None = None,
-        ) -> tuple[Tensor, Tensor]:
-            # in place: x_residual <- x + x_residual, x <- the normalized sum
-            torch.ops._C.fused_add_rms_norm(x, x_residual, weight, epsilon)
-            return x, x_residual
+def _compiled_takes_add(
+    x: Tensor,
+    x_residual: Tensor,
+    weight: Tensor | None,
+    epsilon: float,
+    variance_size: int | None = None,
+) -> bool:
+    """Whether the compiled `fused_add_rms_norm` handles these arguments (else vLLM runs its native one)."""
+    return _compiled_takes(x, weight, epsilon, variance_size) and x_residual.is_contiguous()
 
-    order = [CPU_NORM_PROVIDER, "native"]
-    return {"rms_norm": order, "fused_add_rms_norm": list(order)}
+
+def _compiled_rms_norm(
+    x: Tensor, weight: Tensor | None, epsilon: float, variance_size: int | None = None
+) -> Tensor:
+    """RMSNorm by vLLM's compiled CPU kernel (the signature is vLLM's `rms_norm` op's, which it checks)."""
+    out = torch.empty_like(x)
+    torch.ops._C.rms_norm(out, x, weight, epsilon)
+    return out
+
+
+def _compiled_fused_add_rms_norm(
+    x: Tensor,
+    x_residual: Tensor,
+    weight: Tensor | None,
+    epsilon: float,
+    variance_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Residual add + RMSNorm by vLLM's compiled CPU kernel, in place: x_residual <- x + x_residual, x <- the
+    normalized sum."""
+    torch.ops._C.fused_add_rms_norm(x, x_residual, weight, epsilon)
+    return x, x_residual
