@@ -179,6 +179,17 @@ def synthetic_sequences(
     return prompt, completion  # [B*G, P], [B*G, C]
 
 
+def synthetic_completion_mask(n: int, completion_tokens: int, spread: float, seed: int) -> Any:
+    """[N, C] right-padded completion mask with lengths uniform in [(1 - spread) * C, C] per sequence (all C at
+    spread 0), drawn from `seed`: both tools of a comparison train on the same lengths."""
+    import torch
+
+    shortest = max(1, round((1 - spread) * completion_tokens))
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(shortest, completion_tokens + 1, (n,), generator=g)  # [N]
+    return (torch.arange(completion_tokens) < lengths[:, None]).long()  # [N, C]
+
+
 # ---- the reward both tools use: lightning_tina's accuracy + format, weights 1 and 1 -----------------------------
 
 

@@ -46,13 +46,17 @@ run() {  # name, seconds, command...: the log goes to $OUT/name.log, the summary
 }
 
 if [ "$MODE" = perf ]; then
-    # The performance benches (under 9 minutes on an H100 by design): training tokens/s and CUDA peak against TRL,
+    # The performance benches (under 10 minutes on an H100 by design): training tokens/s and CUDA peak against TRL,
     # the chunked log-softmax at Qwen's vocabulary, and what trimming each micro-batch's padding saves.
     python3 -c "import trl" 2>/dev/null || echo "trl missing: vs_trl.py will fail; run make gpu-wheels and carry .whl"
     run vs_trl 270 python3 bench/vs_trl.py --gpu
     run logprob_memory 80 python3 bench/logprob_memory.py --gpu --chunk-tokens 1024 4096
     run step_trimmed 50 python3 bench/step_breakdown.py --gpu --synthetic --length-spread 0.75 --steps 2
     run step_padded 50 python3 bench/step_breakdown.py --gpu --synthetic --length-spread 0.75 --steps 2 --no-trim-padding
+    # issue 21 at Tina's lengths: count-based micro-batches against packing by a token budget (sdpa with an explicit
+    # block mask on CUDA; flash_attention_2, if installed, takes cu_seq_lens instead), 0.9 length spread
+    run step_spread_count 60 python3 bench/step_breakdown.py --gpu --synthetic --length-spread 0.9 --steps 2 --micro-batch-tokens 0
+    run step_spread_packed 60 python3 bench/step_breakdown.py --gpu --synthetic --length-spread 0.9 --steps 2 --micro-batch-tokens 16384
     exit 0
 fi
 

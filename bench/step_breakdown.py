@@ -49,6 +49,7 @@ def build_module(model: str, args: argparse.Namespace) -> Any:
             gradient_checkpointing=args.gradient_checkpointing,
             share_prompt=not args.no_share_prompt,
             trim_padding=not args.no_trim_padding,
+            micro_batch_tokens={-1: "auto", 0: None}.get(args.micro_batch_tokens, args.micro_batch_tokens),
         ),
         optim=OptimSettings(lr=1e-6, warmup_ratio=0.0),
         rewards=[RewardSpec("accuracy", 1.0), RewardSpec("format", 1.0)],
@@ -89,11 +90,7 @@ def synthetic_rollouts(module: Any, args: argparse.Namespace, step: int) -> Any:
         args.prompts, args.generations, args.prompt_tokens or 32, args.tokens, vocab, args.seed + step
     )  # [N, P], [N, C]
     n, c = completion.shape
-    shortest = max(1, round((1 - args.length_spread) * c))
-    lengths = torch.randint(
-        shortest, c + 1, (n,), generator=torch.Generator().manual_seed(args.seed + step)
-    )  # [N]
-    completion_mask = (torch.arange(c) < lengths[:, None]).long()  # [N, C]
+    completion_mask = common.synthetic_completion_mask(n, c, args.length_spread, args.seed + step)  # [N, C]
     completion = completion * completion_mask  # padding: id 0
     ids = torch.cat([prompt, completion], 1).to(args.device)  # [N, P+C]
     return Rollouts(
@@ -160,7 +157,11 @@ def one_step(
     for sl in module._micro_batches(rollouts):
         with t.phase("policy_forward"), amp:
             logps, _ = module.sequence_logprobs(
-                module.policy, rollouts.input_ids[sl], rollouts.attention_mask[sl], c
+                module.policy,
+                rollouts.input_ids[sl],
+                rollouts.attention_mask[sl],
+                c,
+                packed=isinstance(sl, torch.Tensor),  # a packed pass (model.grpo.micro_batch_tokens)
             )
             per_token, _, _ = grpo.clipped_surrogate(
                 logps, logps.detach(), adv[sl], g.epsilon_low, g.epsilon_high
@@ -284,6 +285,13 @@ def main(argv: list[str] | None = None) -> None:
         "--prompt-tokens", type=int, default=0, help="random prompts of this length (0: tiny-task prompts)"
     )
     p.add_argument("--micro-batch", type=int, default=0, help="completions per forward/backward (0: all)")
+    p.add_argument(
+        "--micro-batch-tokens",
+        type=int,
+        default=-1,
+        help="packed passes of at most this many tokens (model.grpo.micro_batch_tokens; 0: count-based, "
+        "-1: auto, the default)",
+    )
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=32)

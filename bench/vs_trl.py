@@ -191,6 +191,7 @@ def orchestrate_training_part(args: argparse.Namespace) -> None:
         tokens=args.tokens,
         prompts=args.prompts,
         micro_batch=args.micro_batch,
+        length_spread=args.length_spread,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -200,7 +201,13 @@ def orchestrate_training_part(args: argparse.Namespace) -> None:
         "lightning_tina": [
             sys.executable,
             breakdown,
-            *_flags(synthetic=True, size=args.size, workdir=args.workdir, gpu=args.gpu),
+            *_flags(
+                synthetic=True,
+                size=args.size,
+                workdir=args.workdir,
+                gpu=args.gpu,
+                micro_batch_tokens=args.micro_batch_tokens,
+            ),
             *shared,
         ],
         "trl": [
@@ -312,6 +319,19 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--prompts", type=int, default=PROMPTS)
     t.add_argument("--prompt-tokens", type=int, default=32)
     t.add_argument("--micro-batch", type=int, default=0, help="sequences per forward/backward (0: all)")
+    t.add_argument(
+        "--length-spread",
+        type=float,
+        default=0.0,
+        help="completion lengths uniform in [(1 - F) * tokens, tokens] per sequence, the same for both tools",
+    )
+    t.add_argument(
+        "--micro-batch-tokens",
+        type=int,
+        default=-1,
+        help="lightning_tina: packed passes of at most this many tokens (0: count-based micro-batches, "
+        "-1: auto, the default)",
+    )
     t.add_argument("--lora-r", type=int, default=LORA_R)
     t.add_argument("--lora-alpha", type=int, default=LORA_ALPHA)
     t.add_argument("--gradient-checkpointing", action="store_true")

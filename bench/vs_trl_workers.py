@@ -282,13 +282,19 @@ def run_trl_training_part(args: argparse.Namespace) -> dict[str, Any]:
         prompt, completion = common.synthetic_sequences(
             args.prompts, GENERATIONS, args.prompt_tokens, args.tokens, vocab, args.seed + step
         )  # [N, P], [N, C]
+        completion_mask = common.synthetic_completion_mask(
+            n, args.tokens, args.length_spread, args.seed + step
+        )  # [N, C]: the lengths step_breakdown.py --synthetic draws
+        completion = completion * completion_mask  # padding: id 0
         prompt, completion = prompt.to(device), completion.to(device)
+        completion_mask = completion_mask.to(device)
         ids = torch.cat([prompt, completion], 1)  # [N, P+C]
+        attention_mask = torch.cat([torch.ones_like(prompt), completion_mask], 1)  # [N, P+C]
         t = common.PhaseTimer()
         model.train()
         with t.phase("ref_logps"), torch.no_grad(), model.disable_adapter():
             ref, _, _ = trainer._get_per_token_logps_and_entropies(
-                model, ids, torch.ones_like(ids), args.tokens, batch_size=micro
+                model, ids, attention_mask, args.tokens, batch_size=micro
             )  # [N, C]
         advantages = torch.randn(n, generator=torch.Generator().manual_seed(step)).to(device)  # [N]
         opt.zero_grad()
@@ -298,7 +304,7 @@ def run_trl_training_part(args: argparse.Namespace) -> dict[str, Any]:
                 "prompt_ids": prompt[sl],
                 "prompt_mask": torch.ones_like(prompt[sl]),
                 "completion_ids": completion[sl],
-                "completion_mask": torch.ones_like(completion[sl]),
+                "completion_mask": completion_mask[sl],
                 "advantages": advantages[sl],
                 "ref_per_token_logps": ref[sl],
                 "old_per_token_logps": None,
@@ -313,10 +319,9 @@ def run_trl_training_part(args: argparse.Namespace) -> dict[str, Any]:
             continue
         for k in wall:
             wall[k].append(t.seconds[k])
-        tokens_per_s.append(ids.numel() / (t.seconds["ref_logps"] + t.seconds["forward_backward"]))
-        tokens_per_cpu_s.append(
-            ids.numel() / (t.cpu_seconds["ref_logps"] + t.cpu_seconds["forward_backward"])
-        )
+        real = int(attention_mask.sum())  # prompt + completion tokens, padding not counted
+        tokens_per_s.append(real / (t.seconds["ref_logps"] + t.seconds["forward_backward"]))
+        tokens_per_cpu_s.append(real / (t.cpu_seconds["ref_logps"] + t.cpu_seconds["forward_backward"]))
         peak = max([peak, *t.peak_bytes.values()])
     return {
         "median_s": {k: common.spread(v)["median"] for k, v in wall.items()},

@@ -42,11 +42,33 @@ def cpu_attention(
     if segments is not None:
         from lightning_tina.packing import segment_attention
 
-        return segment_attention(module, query, key, value, segments, cpu_attention, **kwargs)
+        return segment_attention(module, query, key, value, segments, _segment_kernel, **kwargs)
     b, heads, q, _ = query.shape
     if b * heads * q * key.shape[-2] * 4 <= PLAIN_MAX_SCORE_BYTES:
         return _eager_for(module)(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+SEGMENT_SDPA_MIN_SCORES = 256 * 256
+"""A packed segment with at least this many query x key scores runs SDPA, a smaller one the plain kernel: on the
+18M bench model in bf16, SDPA was faster on 480-token sequences and slower on 96-token ones (bench/README.md,
+section "Packing: micro-batches by a token budget")."""
+
+
+def _segment_kernel(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, heads, l, d]
+    key: torch.Tensor,  # [1, kv_heads, k, d]
+    value: torch.Tensor,  # [1, kv_heads, k, d]
+    attention_mask: torch.Tensor,  # [1, 1, l, k] additive
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kernel for one sequence of a packed row, chosen by its own size."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[-2] * key.shape[-2] >= SEGMENT_SDPA_MIN_SCORES:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return _eager_for(module)(module, query, key, value, attention_mask, **kwargs)
 
 
 def _eager_for(module: torch.nn.Module) -> Any:

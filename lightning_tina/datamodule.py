@@ -83,30 +83,29 @@ class ReasoningDataModule(L.LightningDataModule):
         val_batch_size: int = 32,
     ) -> None:
         super().__init__()
-        self.source = source
-        self.split = split
-        self.config = config
-        self.columns = dict(columns or {})
-        self.system_prompt = system_prompt
-        self.chat_template = chat_template
-        self.tokenizer_name = tokenizer
-        self.prompts_per_step = prompts_per_step
-        self.max_prompt_length = max_prompt_length
+        # where the rows come from, and how each becomes a prompt and a gold
+        self.source, self.split, self.config, self.columns = source, split, config, dict(columns or {})
+        self.system_prompt, self.chat_template, self.tokenizer_name = system_prompt, chat_template, tokenizer
+        self.prompts_per_step, self.max_prompt_length = prompts_per_step, max_prompt_length
         self.gold: GoldRule = gold
-        self.drop_unparseable_gold = drop_unparseable_gold
-        self.streaming = streaming
-        self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
-        self.validate_rows = validate_rows
-        self.val_source = val_source
-        self.val_size = val_size
-        self.val_batch_size = val_batch_size
+        self.drop_unparseable_gold, self.validate_rows = drop_unparseable_gold, validate_rows
+        # the order of the stream
+        self.streaming, self.shuffle_buffer, self.seed = streaming, shuffle_buffer, seed
+        # the held-out prompts of validate/test
+        self.val_source, self.val_size, self.val_batch_size = val_source, val_size, val_batch_size
         self.tokenizer: Any = None
         self.entry: DatasetEntry | None = None
         self.epoch = 0  # position in the stream: epoch and raw rows read in it (checkpointed)
         self.rows_in_epoch = 0
         self.skipped: Counter[str] = Counter()  # rows dropped, by reason ("too_long", RowError kinds)
         self.consumed: dict[str, int] | None = None  # position after the last batch handed to training_step
+        self._live: Iterator[tuple[list[int], dict[str, Any]]] | None = (
+            None  # the training loader's prompt stream
+        )
+        self._refills: list[
+            tuple[int, int, int, int]
+        ] = []  # (epoch, row) -> (epoch, row) ranges refills read
+        self.skips: list[tuple[int, int, int, int]] = []  # such ranges after the resume point: jumped over
 
     # ---- set-up --------------------------------------------------------------------------------------------------
 
@@ -157,17 +156,20 @@ class ReasoningDataModule(L.LightningDataModule):
     # ---- rows ----------------------------------------------------------------------------------------------------
 
     def _train_rows(self) -> Iterator[dict[str, Any]]:
-        """Normalized training rows from the saved position on; bad rows are skipped and counted by kind."""
-        if self.source == TINY_SOURCE:
-            from lightning_tina.tiny.task import train_rows
-
-            yield from itertools.islice(train_rows(self.seed), self.rows_in_epoch, None)
-            return
-        assert self.entry is not None
+        """Normalized training rows from the saved position on; bad rows are skipped and counted by kind. Ranges
+        of the stream that dynamic sampling's refills read before a resume (`skips`) are jumped over."""
         while True:
-            for raw in self._raw(self.entry, self.epoch, self.rows_in_epoch):
+            jumped = False
+            for raw in self._raw_rows():
+                if self._jump():  # the row just read lies in a skipped range: restart after it
+                    jumped = True
+                    break
                 pos = self.rows_in_epoch
                 self.rows_in_epoch += 1
+                if self.source == TINY_SOURCE:
+                    yield raw
+                    continue
+                assert self.entry is not None
                 try:
                     yield normalize(
                         self.entry,
@@ -178,10 +180,28 @@ class ReasoningDataModule(L.LightningDataModule):
                     )
                 except RowError as err:
                     self.skipped[err.kind] += 1
+            if jumped:
+                continue
             if self.rows_in_epoch == 0:
                 raise ValueError(f"data.source {self.source!r} yields no rows")
             self.epoch += 1
             self.rows_in_epoch = 0
+
+    def _raw_rows(self) -> Iterator[dict[str, Any]]:
+        """Raw rows of the current epoch from the current position (the tiny task: one endless epoch)."""
+        if self.source == TINY_SOURCE:
+            from lightning_tina.tiny.task import train_rows
+
+            return itertools.islice(train_rows(self.seed), self.rows_in_epoch, None)
+        assert self.entry is not None
+        return self._raw(self.entry, self.epoch, self.rows_in_epoch)
+
+    def _jump(self) -> bool:
+        """If the stream has reached the first pending skipped range, move the position to its end (True)."""
+        if not self.skips or (self.epoch, self.rows_in_epoch) < self.skips[0][:2]:
+            return False
+        _, _, self.epoch, self.rows_in_epoch = self.skips.pop(0)
+        return True
 
     def _rank_and_world(self) -> tuple[int, int]:
         """(global rank, world size) of this process; (0, 1) outside a Trainer."""
@@ -191,8 +211,6 @@ class ReasoningDataModule(L.LightningDataModule):
     def _prompts(self, rows: Iterator[dict[str, Any]]) -> Iterator[tuple[list[int], dict[str, Any]]]:
         rank, world = self._rank_and_world()
         for row in rows:
-            if self.source == TINY_SOURCE:
-                self.rows_in_epoch += 1
             if (self.rows_in_epoch - 1) % world != rank:
                 continue  # another rank's row: every rank reads the one stream and keeps every world-th row
             ids = self.render(row["problem"], row)
@@ -241,8 +259,35 @@ class ReasoningDataModule(L.LightningDataModule):
     # ---- loaders -------------------------------------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
-        stream = _Stream(lambda: self._prompts(self._train_rows()))
+        stream = _Stream(self._live_prompts)
         return DataLoader(stream, batch_size=self.prompts_per_step, collate_fn=self._collate)
+
+    def _live_prompts(self) -> Iterator[tuple[list[int], dict[str, Any]]]:
+        self._live = self._prompts(self._train_rows())
+        return self._live
+
+    def refill(self, n: int) -> PromptBatch:
+        """`n` more training prompts from the loader's stream, where it stands (model.grpo.dynamic_sampling).
+
+        Lightning has already read the next step's batch when a step asks, so a refill's rows follow that batch in
+        the stream; the range it read is recorded and, after a resume, jumped over (state_dict's "skips"), so the
+        resumed run reads the same rows for the same steps as an uninterrupted one.
+        """
+        if self._live is None:
+            raise RuntimeError(
+                "ReasoningDataModule.refill: the training stream is not open (call it during fit)"
+            )
+        start = (self.epoch, self.rows_in_epoch)
+        items = list(itertools.islice(self._live, n))
+        if len(items) < n:
+            raise RuntimeError(f"data.source {self.source!r}: the prompt stream ended during a refill")
+        if self._refills and self._refills[-1][2:] == start:  # contiguous with the last range: extend it
+            start = self._refills.pop()[:2]
+        self._refills.append((*start, self.epoch, self.rows_in_epoch))
+        if self.consumed is not None:  # ranges before the resume point are never needed again
+            here = (self.consumed["epoch"], self.consumed["rows_in_epoch"])
+            self._refills = [r for r in self._refills if r[:2] >= here]
+        return self._collate(items)
 
     def val_dataloader(self) -> DataLoader:
         rows = self._val_rows()
@@ -256,13 +301,21 @@ class ReasoningDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         pos = self.consumed or {"epoch": self.epoch, "rows_in_epoch": self.rows_in_epoch}
-        return gather_ranks({**pos, "skipped": dict(self.skipped)})  # each rank's position (ranks read apart)
+        state: dict[str, Any] = {**pos, "skipped": dict(self.skipped)}
+        here = (pos["epoch"], pos["rows_in_epoch"])
+        self._refills = [r for r in self._refills if r[:2] >= here]  # older ones lie before any resume point
+        skips = [list(r) for r in self.skips + self._refills if r[:2] >= here]
+        if skips:  # refills read past the resume point (dynamic sampling): a resume jumps over them
+            state["skips"] = skips
+        return gather_ranks(state)  # each rank's position (ranks read apart)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = own_rank(state)
         self.epoch = int(state.get("epoch", 0))
         self.rows_in_epoch = int(state.get("rows_in_epoch", 0))
         self.skipped = Counter(state.get("skipped", {}))
+        self.skips = [(int(a), int(b), int(c), int(d)) for a, b, c, d in state.get("skips", [])]
+        self._refills = []
 
 
 class _Stream(IterableDataset):

@@ -7,8 +7,11 @@ estimate of the KL to the reference model (the base model with the adapter disab
 then over the step's sequences ("grpo", Tina's TRL). On by default: group-normalised advantages, beta 0.04,
 symmetric clipping at 0.2 (inactive with one update per rollout batch, where the ratio is 1). Off by default:
 several updates per rollout batch (num_iterations), clip-higher (epsilon_high), truncated importance sampling of
-engine/trainer mismatch (tis_cap), and the other loss aggregations and advantage scalings (loss_type,
-scale_rewards). GRPOSettings holds these switches and checks each when it is built.
+engine/trainer mismatch (tis_cap), the other loss aggregations and advantage scalings (loss_type,
+scale_rewards), and the options of issue 18: GSPO's sequence-level ratio (importance_sampling_level), CISPO
+(policy_loss), masking truncated completions out of the loss (mask_truncated_completions) and DAPO's dynamic
+sampling (dynamic_sampling, lightning_tina/dynamic_sampling.py). GRPOSettings holds these switches and checks each
+when it is built.
 
 Shapes: N completions (B prompts x G generations, group-major), C completion tokens, T = prompt + completion tokens,
 H hidden size, V vocabulary size. Nothing here touches a model's state or an optimizer, so every function is tested
@@ -27,8 +30,12 @@ from lightning_tina.checks import check_fields
 
 AdvantageScale = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+ImportanceLevel = Literal["token", "sequence"]
+PolicyLoss = Literal["clip", "cispo"]
 ADVANTAGE_SCALES: tuple[str, ...] = ("group", "batch", "none")
 LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_LEVELS: tuple[str, ...] = ("token", "sequence")
+POLICY_LOSSES: tuple[str, ...] = ("clip", "cispo")
 
 
 @dataclass
@@ -86,6 +93,36 @@ class GRPOSettings:
     up to 64 columns) instead of the step's (exact: the dropped columns are padding in every row). When a
     micro-batch holds several groups, groups are first ordered by their longest completion so that similar lengths
     share one. Off only to measure what it saves."""
+    micro_batch_tokens: int | Literal["auto"] | None = "auto"
+    """Fill each forward/backward pass of the reference, old-policy and policy passes with whole sequences up to
+    this many tokens, packed into one row without padding (lightning_tina/packing.py), instead of
+    micro_batch_size rows padded to their longest: short completions share a pass and cost what they contain, and
+    the activation memory of a pass is set by this budget. Exact (same log-probs, gradients and loss
+    normalisation up to rounding). With share_prompt each prompt is packed once, before its group's completions.
+    null: count-based micro-batches. "auto" (default): packed where it is measured exact and faster, i.e. with
+    lightning_tina's CPU attention (which computes each packed sequence on its own keys) when count-based
+    micro-batches would compute padding, with the budget of a count-based micro-batch (micro_batch_size x the
+    step's prompt + completion width, at most packing.AUTO_MAX_TOKENS), so memory never grows;
+    count-based with other attention implementations (transformers' sdpa/eager get a [T, T] block mask; flash
+    attention's packed kernels are not measured yet). bench/README.md, section "Packing: micro-batches by a
+    token budget"."""
+    importance_sampling_level: ImportanceLevel = "token"
+    """"token": PPO's per-token ratio (GRPO, Tina). "sequence": GSPO's ratio, the geometric mean of the token ratios
+    of a completion, clipped per completion (grpo.sequence_clipped_surrogate; GSPO uses epsilon 3e-4/4e-4 and
+    beta 0). Like any ratio it only matters off-policy: with num_iterations=1 the ratio is 1."""
+    policy_loss: PolicyLoss = "clip"
+    """"clip": PPO's clipped surrogate (GRPO, Tina). "cispo": MiniMax-M1's CISPO, the detached importance weight
+    min(r, 1 + epsilon_high) times A times the log-prob (grpo.cispo_surrogate): no token loses its gradient."""
+    mask_truncated_completions: bool = False
+    """Leave completions cut off at rollout.sampling.max_new_tokens out of the loss (their reward still enters
+    their group's advantages); logged as train/truncated_masked."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: groups whose rewards are all equal (zero advantage) are dropped and replaced by
+    groups of fresh prompts from the stream until the step has batch_size / num_generations informative groups,
+    or max_refill_rounds extra rounds were generated (lightning_tina/dynamic_sampling.py)."""
+    max_refill_rounds: int = 4
+    """With dynamic_sampling: extra generation rounds per step at most; then the step trains on the informative
+    groups it has, topped up with dropped groups (zero advantage) to keep its shape (train/groups_padded)."""
 
     def __post_init__(self) -> None:
         check_fields("model.grpo", self, self._checks())
@@ -118,6 +155,24 @@ class GRPOSettings:
             ("max_nonfinite_updates", self.max_nonfinite_updates >= 0, ">= 0"),
             ("tis_cap", self.tis_cap is None or self.tis_cap > 0, "> 0 or null"),
             ("logprob_chunk_tokens", self.logprob_chunk_tokens >= 1, ">= 1"),
+            (
+                "micro_batch_tokens",
+                self.micro_batch_tokens in (None, "auto")
+                or (isinstance(self.micro_batch_tokens, int) and self.micro_batch_tokens >= 1),
+                ">= 1 or null",
+            ),
+            (
+                "importance_sampling_level",
+                self.importance_sampling_level in IMPORTANCE_LEVELS,
+                f"one of {list(IMPORTANCE_LEVELS)}",
+            ),
+            ("policy_loss", self.policy_loss in POLICY_LOSSES, f"one of {list(POLICY_LOSSES)}"),
+            (
+                "importance_sampling_level",
+                not (self.importance_sampling_level == "sequence" and self.policy_loss == "cispo"),
+                "'token' with model.grpo.policy_loss 'cispo' (CISPO weighs tokens)",
+            ),
+            ("max_refill_rounds", self.max_refill_rounds >= 0, ">= 0"),
         ]
 
     @property
@@ -284,11 +339,84 @@ def clipped_surrogate(
     """
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # [N, 1] or [N, C]
     ratio = torch.exp(logprobs - old_logprobs)  # [N, C]
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # [N, C]
-    loss = -torch.min(ratio * adv, clipped * adv)  # [N, C]
-    clipped_low = (ratio < 1 - epsilon_low) & (adv < 0)  # [N, C]
-    clipped_high = (ratio > 1 + epsilon_high) & (adv > 0)  # [N, C]
+    return _ppo_clip(ratio, adv, epsilon_low, epsilon_high)  # [N, C] each
+
+
+def _ppo_clip(
+    ratio: torch.Tensor, adv: torch.Tensor, epsilon_low: float, epsilon_high: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) and the flags of the bound that removed the gradient: the
+    clip shared by the token-level (one ratio per token) and the sequence-level (one per completion) surrogates."""
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # like ratio
+    loss = -torch.min(ratio * adv, clipped * adv)  # like ratio
+    return loss, (ratio < 1 - epsilon_low) & (adv < 0), (ratio > 1 + epsilon_high) & (adv > 0)
+
+
+def sequence_clipped_surrogate(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    mask: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GSPO's clipped surrogate on the sequence-level importance ratio, as a per-token loss to minimise.
+
+    s_i = exp((1/|o_i|) sum_t m_it (logp_it - logp_old_it))  -- the geometric mean of the token ratios of sequence i;
+    loss_it = -min(s_i * A_i, clip(s_i, 1 - eps_low, 1 + eps_high) * A_i) for every token t of sequence i.
+    The gradient of s_i is s_i * (1/|o_i|) sum_t grad logp_it, so a sequence is clipped (or not) as a whole. Every
+    token of a sequence carries the same loss, so the per-sequence mean ("grpo" aggregation) gives L_i itself.
+    `advantages` is [N] (one per completion); `mask` (keyword) [N, C] marks completion tokens. Returns (loss [N, C],
+    clipped_low [N, C], clipped_high [N, C]), the clip flags of each sequence broadcast to its tokens.
+    """
+    if advantages.dim() != 1:
+        raise ValueError(
+            f"sequence-level ratios need one advantage per completion [N], got {tuple(advantages.shape)}"
+        )
+    m = mask.to(logprobs.dtype)  # [N, C]
+    log_ratio = ((logprobs - old_logprobs) * m).sum(-1) / m.sum(-1).clamp(min=1)  # [N]
+    ratio = torch.exp(log_ratio)  # [N]
+    per_sequence = _ppo_clip(ratio, advantages, epsilon_low, epsilon_high)  # loss, low, high: [N] each
+    loss, clipped_low, clipped_high = (
+        t.unsqueeze(-1).expand(logprobs.shape) for t in per_sequence
+    )  # [N, C] each
     return loss, clipped_low, clipped_high
+
+
+def cispo_surrogate(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_high: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CISPO's surrogate (MiniMax-M1): the clipped importance weight, detached, times A times the log-prob.
+
+    r = exp(logp - logp_old);  w = sg(min(r, 1 + eps_high));  loss = -w * A * logp.
+    Its gradient is -w * A * grad logp for every token: unlike PPO's clip, no token loses its gradient, the weight
+    is only capped. No lower bound, as MiniMax-M1 trained it. `advantages` is [N] or [N, C]. Returns (loss [N, C],
+    clipped_low [N, C] (all False), clipped_high [N, C]: tokens whose weight was capped, r > 1 + eps_high).
+    """
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # [N, 1] or [N, C]
+    ratio = torch.exp(logprobs.detach() - old_logprobs)  # [N, C]
+    weight = ratio.clamp(max=1 + epsilon_high)  # [N, C], no gradient
+    loss = -weight * adv * logprobs  # [N, C]
+    clipped_high = ratio > 1 + epsilon_high  # [N, C]
+    return loss, torch.zeros_like(clipped_high), clipped_high
+
+
+def loss_mask(completion_mask: torch.Tensor, truncated: torch.Tensor, mask_truncated: bool) -> torch.Tensor:
+    """The tokens that enter the loss: m_it = completion_mask_it * (1 - truncated_i) with `mask_truncated`, else
+    completion_mask unchanged. `completion_mask` [N, C], `truncated` [N] bool; returns [N, C] of the mask's dtype.
+
+    Masking truncated completions (DAPO's overlong filtering, TRL's mask_truncated_completions) removes a cut-off
+    completion from the loss, so that it is neither rewarded nor punished for an answer it had no room to finish;
+    its reward still enters its group's advantages.
+    """
+    if not mask_truncated:
+        return completion_mask
+    keep = (~truncated.to(torch.bool)).to(completion_mask.dtype).to(completion_mask.device)  # [N]
+    return completion_mask * keep.unsqueeze(-1)  # [N, C]
 
 
 def aggregate_loss(
@@ -299,6 +427,7 @@ def aggregate_loss(
     num_sequences: int | None = None,
     num_tokens: int | float | None = None,
     max_completion_length: int | None = None,
+    bnpo_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reduce a per-token loss [n, C] of one micro-batch to the scalar whose sum over micro-batches is the step's loss.
 
@@ -306,7 +435,9 @@ def aggregate_loss(
     - grpo    (Tina, TRL's original): (1/N) sum_i L_i / |o_i|  -- per-sequence mean, then mean over the N sequences
       of the whole step (`num_sequences`, default the micro-batch's n);
     - bnpo    : sum_i L_i / sum_i |o_i| over this micro-batch (a token mean per micro-batch; pass `num_sequences` to
-      weight micro-batches by their share of sequences, which makes equal-sized micro-batches average);
+      weight micro-batches by their share of sequences, which makes equal-sized micro-batches average); with
+      `bnpo_weights` [n] (row i: n_k / sum of |o| over the count-based micro-batch k that holds it) the rows may
+      come in any grouping (packed passes) and the sum over the step is still that of count-based micro-batches;
     - dr_grpo : sum_i L_i / (N * max_completion_length), the constant normaliser of Dr. GRPO;
     - dapo    : sum_i L_i / `num_tokens`, the number of completion tokens in the whole step (all micro-batches and
       ranks), so every token of the step weighs the same.
@@ -317,6 +448,8 @@ def aggregate_loss(
     seq_sums = (per_token * m).sum(-1)  # [n]
     if loss_type == "grpo":
         return (seq_sums / m.sum(-1).clamp(min=1)).sum() / total_seqs
+    if loss_type == "bnpo" and bnpo_weights is not None:
+        return (seq_sums * bnpo_weights).sum() / total_seqs
     if loss_type == "bnpo":
         return seq_sums.sum() / m.sum().clamp(min=1) * (n / total_seqs)
     if loss_type == "dr_grpo":

@@ -20,7 +20,10 @@ import lightning as L
 import torch
 
 from lightning_tina import grpo as objective
-from lightning_tina import patches
+from lightning_tina import packing, patches
+from lightning_tina.attention import CPU_ATTENTION
+from lightning_tina.dynamic_sampling import DynamicStats, Scored, fill_informative
+from lightning_tina.dynamic_sampling import take as take_groups
 from lightning_tina.evaluate import DATASET_GRADING, sample_and_grade
 from lightning_tina.grpo import GRPOSettings
 from lightning_tina.logprobs import completion_logprobs
@@ -28,6 +31,7 @@ from lightning_tina.optim import OptimSettings, build_optimizer
 from lightning_tina.paths import check_model_path
 from lightning_tina.policy import (
     LoRASettings,
+    causal_lm,
     frozen_reference,
     load_causal_lm,
     load_tokenizer,
@@ -38,7 +42,7 @@ from lightning_tina.policy import (
 )
 from lightning_tina.rewards import RewardOutput, RewardSet, RewardSpec
 from lightning_tina.rollout.base import EngineSpec, PolicyHandle, RolloutSource, Sampler, SamplingConfig
-from lightning_tina.rollout.batch import order_groups_by_length
+from lightning_tina.rollout.batch import completion_token_ids, group_length_order, order_groups_by_length
 from lightning_tina.types import Generation, GRPOStats, LossStats, PromptBatch, Rollouts, StepTimes
 
 
@@ -203,10 +207,23 @@ class GRPOModule(L.LightningModule):
         attention_mask: torch.Tensor,
         completion_len: int,
         with_entropy: bool = True,
+        packed: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs and entropies of the last `completion_len` tokens of each sequence: ([n, C], [n, C] or None
-        without `with_entropy`)."""
+        without `with_entropy`). `packed` (default: as micro_batch_tokens decides for these rows): the rows (one
+        pass of `_micro_batches`) run packed into one row without padding, each run of rows with one prompt
+        sharing it when `share_prompt` is on."""
         s = self.grpo
+        if packed is None:
+            packed = self._token_budget(attention_mask, completion_len) is not None
+        if packed:
+            groups = packing.prompt_runs(input_ids, attention_mask, completion_len)
+            if not s.share_prompt:
+                groups = [[r] for rows in groups for r in rows]
+            return packing.packed_logprobs(
+                model, input_ids, attention_mask, completion_len, groups, share_prompt=s.share_prompt,
+                temperature=s.logprob_temp, chunk_tokens=s.logprob_chunk_tokens, with_entropy=with_entropy,
+            )  # fmt: skip
         return completion_logprobs(
             model, input_ids, attention_mask, completion_len, with_entropy=with_entropy,
             group_size=s.num_generations, temperature=s.logprob_temp, chunk_tokens=s.logprob_chunk_tokens,
@@ -218,20 +235,21 @@ class GRPOModule(L.LightningModule):
         """Log-probs without gradient, in eval mode, for the reference or the rollout-time (old) policy: [N, C]."""
         policy = self._require_policy()
         c = rollouts.completion_mask.shape[1]
-        out = []
+        out = torch.zeros(rollouts.completion_mask.shape, device=rollouts.input_ids.device)  # [N, C]
         was_training = policy.training
         policy.eval()
         try:
             for sl in self._micro_batches(rollouts):
                 ids, am = rollouts.input_ids[sl], rollouts.attention_mask[sl]
+                packed = isinstance(sl, torch.Tensor)  # the rows of a packed pass
                 if reference:
                     with reference_mode(policy, self.reference) as ref:
-                        out.append(self.sequence_logprobs(ref, ids, am, c, with_entropy=False)[0])
+                        out[sl] = self.sequence_logprobs(ref, ids, am, c, False, packed)[0]
                 else:
-                    out.append(self.sequence_logprobs(policy, ids, am, c, with_entropy=False)[0])
+                    out[sl] = self.sequence_logprobs(policy, ids, am, c, False, packed)[0]
         finally:
             policy.train(was_training)
-        return torch.cat(out)  # [N, C]
+        return out  # [N, C]
 
     def ordered_for_micro_batches(self, rollouts: Rollouts) -> Rollouts:
         """With several groups per micro-batch (and trim_padding), whole groups ordered by their longest completion:
@@ -241,26 +259,69 @@ class GRPOModule(L.LightningModule):
             return order_groups_by_length(rollouts, s.num_generations)
         return rollouts
 
-    def _micro_batches(self, rollouts: Rollouts) -> list[slice]:
+    def _micro_batches(self, rollouts: Rollouts) -> list[slice | torch.Tensor]:
+        """The rows of each forward/backward pass: slices of micro_batch_size rows, or with micro_batch_tokens the
+        row indices [n'] of each packed pass (whole groups when prompts are shared; `packing.plan_passes`)."""
         n, mb = rollouts.input_ids.shape[0], self.grpo.micro_batch_size
-        return [slice(i, min(i + mb, n)) for i in range(0, n, mb)]
+        if self._token_budget(rollouts.attention_mask, rollouts.completion_mask.shape[1]) is None:
+            return [slice(i, min(i + mb, n)) for i in range(0, n, mb)]
+        return [
+            torch.tensor(packing.flat_rows(p), device=rollouts.input_ids.device)
+            for p in self._passes(rollouts)
+        ]
+
+    def _passes(self, rollouts: Rollouts) -> list[packing.Pass]:
+        """Packed passes up to micro_batch_tokens tokens. Under FSDP2 every rank runs as many passes as the rank
+        with the most (each forward gathers the weights collectively); under DDP ranks may differ, since only each
+        rank's last backward all-reduces (see _optimizer_step)."""
+        s, c = self.grpo, rollouts.completion_mask.shape[1]
+        prompt_lens, comp_lens = packing.sequence_lengths(rollouts.attention_mask, c)
+        shared = s.share_prompt and packing.shared_groups(
+            rollouts.input_ids, rollouts.attention_mask, c, s.num_generations
+        )
+        g = s.num_generations if shared else 1
+        budget = self._token_budget(rollouts.attention_mask, c)
+        passes = packing.plan_passes(prompt_lens, comp_lens, budget, g)
+        if self.device_mesh is not None and torch.distributed.is_initialized():
+            k = torch.tensor(len(passes), device=rollouts.input_ids.device)
+            torch.distributed.all_reduce(k, op=torch.distributed.ReduceOp.MAX)
+            passes = packing.plan_passes(prompt_lens, comp_lens, budget, g, min_passes=int(k))
+        return passes
+
+    def _token_budget(self, attention_mask: torch.Tensor, completion_len: int) -> int | None:
+        """Tokens per packed pass of these rows [n, P+C], or None for count-based micro-batches (see
+        GRPOSettings.micro_batch_tokens: "auto" packs with lightning_tina's CPU attention when the count-based
+        passes would compute enough padding, within the tokens of a padded micro-batch [mb, P+C] and at most
+        packing.AUTO_MAX_TOKENS)."""
+        s = self.grpo
+        if s.micro_batch_tokens != "auto":
+            return s.micro_batch_tokens
+        if causal_lm(self._require_policy()).config._attn_implementation != CPU_ATTENTION:
+            return None
+        if not packing.worth_packing(attention_mask, completion_len, s.micro_batch_size, s.trim_padding):
+            return None
+        return min(s.micro_batch_size * attention_mask.shape[1], packing.AUTO_MAX_TOKENS)
+
+    def _bnpo_weights(self, mask: torch.Tensor) -> torch.Tensor:
+        """[N] per row: rows / completion tokens of its count-based micro-batch (micro_batch_size rows), so that
+        bnpo's per-micro-batch token mean is the same whatever rows a packed pass holds."""
+        n, mb = mask.shape[0], self.grpo.micro_batch_size
+        weights = torch.empty(n, device=mask.device)  # [N]
+        for i in range(0, n, mb):
+            rows = mask[i : i + mb]  # [mb', C]
+            weights[i : i + mb] = rows.shape[0] / rows.sum().clamp(min=1).float()
+        return weights
 
     # ---- training ------------------------------------------------------------------------------------------------
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         s = self.grpo
         t0 = time.perf_counter()
-        rollouts = self._source("training").rollouts(batch, self)
-        rollouts = self.ordered_for_micro_batches(_to_device(rollouts, self.device))
-        t_rollout = time.perf_counter() - t0
-
-        scores = self.rewards(
-            rollouts.completions, rollouts.rows, group_size=s.num_generations
-        )  # [N, F], [N]
+        rollouts, scores, dynamic, t_reward = self._scored_rollouts(batch)  # scores: [N, F], [N]
         advantages = objective.group_advantages(
             scores.total.to(self.device), s.num_generations, s.scale_rewards
         )  # [N]
-        t_reward = time.perf_counter() - t0 - t_rollout
+        t_rollout = time.perf_counter() - t0 - t_reward
 
         ref_logps = self._frozen_logprobs(rollouts, reference=True) if s.beta > 0 else None  # [N, C]
         old_logps = self._frozen_logprobs(rollouts, reference=False) if s.num_iterations > 1 else None
@@ -269,11 +330,71 @@ class GRPOModule(L.LightningModule):
             stats = self._optimizer_step(rollouts, advantages, ref_logps, old_logps)
         times = StepTimes(t_rollout, t_reward, time.perf_counter() - t0 - t_rollout - t_reward)
         self._log_step(rollouts, scores, advantages, stats, times)
+        self._log_options(rollouts, dynamic)
+
+    def _scored_rollouts(
+        self, batch: PromptBatch
+    ) -> tuple[Rollouts, RewardOutput, DynamicStats | None, float]:
+        """The step's rollouts (ordered for micro-batches), their rewards, what dynamic sampling did (None when
+        off) and the seconds spent in rewards. With model.grpo.dynamic_sampling, groups with all-equal rewards are
+        replaced by groups of fresh prompts from the DataModule's stream (lightning_tina/dynamic_sampling.py)."""
+        s, source, reward_s = self.grpo, self._source("training"), [0.0]
+
+        def scored(prompts: PromptBatch, order: bool) -> Scored:
+            r = _to_device(source.rollouts(prompts, self), self.device)
+            r = self.ordered_for_micro_batches(r) if order else r
+            t = time.perf_counter()
+            ids = {"completion_ids": completion_token_ids(r)}
+            out = Scored(
+                r, self.rewards(r.completions, r.rows, group_size=s.num_generations, extra_columns=ids)
+            )
+            reward_s[0] += time.perf_counter() - t
+            return out
+
+        if not s.dynamic_sampling:
+            out = scored(batch, order=True)
+            return out.rollouts, out.scores, None, reward_s[0]
+        refill = getattr(getattr(self._trainer, "datamodule", None), "refill", None)
+        if refill is None:
+            raise ValueError(
+                "model.grpo.dynamic_sampling draws fresh prompts from lightning_tina's ReasoningDataModule (the "
+                "`data:` section); this trainer has no such DataModule: set model.grpo.dynamic_sampling: false"
+            )
+        g, pad = s.num_generations, self.tokenizer.pad_token_id
+        first = scored(batch, order=False)
+        out, stats = fill_informative(
+            first, lambda k: scored(refill(k), False), len(batch.prompt_ids), g, s.max_refill_rounds, pad,
+            self._sync_max,
+        )  # fmt: skip
+        if self.ordered_for_micro_batches(out.rollouts) is not out.rollouts:  # the same order, rewards alike
+            groups = group_length_order(out.rollouts.completion_mask, g)[::g] // g  # [B]
+            out = take_groups(out, groups, g)
+        return out.rollouts, out.scores, stats, reward_s[0]
+
+    def _sync_max(self, x: int) -> int:
+        """The maximum of x over the ranks (dynamic sampling's refill size): every rank draws alike."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return x
+        t = torch.tensor(x, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t)
+
+    def _log_options(self, rollouts: Rollouts, dynamic: DynamicStats | None) -> None:
+        """Rollout tokens of the step, truncated completions masked out of the loss, what dynamic sampling did."""
+        s = self.grpo
+        tokens = dynamic.rollout_tokens if dynamic is not None else int(rollouts.completion_mask.sum())
+        metrics: dict[str, Any] = {"train/rollout_tokens": tokens}
+        if s.mask_truncated_completions:
+            metrics["train/truncated_masked"] = int(rollouts.truncated.sum())
+        if dynamic is not None:
+            metrics.update({f"dynamic/{k}": v for k, v in dynamic._asdict().items()})
+            metrics["dynamic/rollout_tokens_per_kept_group"] = tokens / max(dynamic.groups_kept, 1)
+        self.log_dict(_floats(metrics), on_step=True, sync_dist=self.trainer.world_size > 1)
 
     def _micro_batch_loss(
         self,
         rollouts: Rollouts,
-        sl: slice,
+        sl: slice | torch.Tensor,
         advantages: torch.Tensor,
         ref_logps: torch.Tensor | None,
         old_logps: torch.Tensor | None,
@@ -283,15 +404,17 @@ class GRPOModule(L.LightningModule):
         s = self.grpo
         mask = rollouts.completion_mask  # [N, C]
         n, c = mask.shape
-        m = mask[sl]  # [n', C]
+        m = objective.loss_mask(mask, rollouts.truncated, s.mask_truncated_completions)[sl]  # [n', C]
         logps, entropy = self.sequence_logprobs(
-            self.policy, rollouts.input_ids[sl], rollouts.attention_mask[sl], c
+            self.policy,
+            rollouts.input_ids[sl],
+            rollouts.attention_mask[sl],
+            c,
+            packed=isinstance(sl, torch.Tensor),
         )  # [n', C] each
         assert entropy is not None  # with_entropy is on by default
         old = old_logps[sl] if old_logps is not None else logps.detach()  # [n', C]
-        per_token, clip_low, clip_high = objective.clipped_surrogate(
-            logps, old, advantages[sl], s.epsilon_low, s.epsilon_high
-        )  # [n', C]
+        per_token, clip_low, clip_high = self._surrogate(logps, old, advantages[sl], m)  # [n', C] each
         diff_sum = diff_max = tis_sum = 0.0
         if rollouts.engine_logprobs is not None:
             diff = (logps.detach() - rollouts.engine_logprobs[sl]).abs() * m  # [n', C]
@@ -305,9 +428,14 @@ class GRPOModule(L.LightningModule):
             kl = objective.k3_kl(logps, ref_logps[sl])
             per_token = per_token + s.beta * kl
         budget = self.rollout_source.max_new_tokens if self.rollout_source is not None else c
+        bnpo_weights = None
+        if isinstance(sl, torch.Tensor) and s.loss_type == "bnpo":  # a packed pass: count-based token means
+            full = objective.loss_mask(mask, rollouts.truncated, s.mask_truncated_completions)  # [N, C]
+            bnpo_weights = self._bnpo_weights(full)[sl]  # [n']
         loss = objective.aggregate_loss(
-            per_token, m, s.loss_type, num_sequences=n, num_tokens=num_tokens, max_completion_length=budget
-        )
+            per_token, m, s.loss_type, num_sequences=n, num_tokens=num_tokens, max_completion_length=budget,
+            bnpo_weights=bnpo_weights,
+        )  # fmt: skip
         mf = m.float()
         stats = LossStats(
             loss=float(loss.detach()),
@@ -322,6 +450,20 @@ class GRPOModule(L.LightningModule):
         )
         return loss, stats
 
+    def _surrogate(
+        self, logps: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The per-token policy loss [n', C] and clip flags that model.grpo selects: PPO's token-level clip (Tina),
+        GSPO's sequence-level clip (importance_sampling_level: sequence) or CISPO (policy_loss: cispo)."""
+        s = self.grpo
+        if s.policy_loss == "cispo":
+            return objective.cispo_surrogate(logps, old, advantages, s.epsilon_high)
+        if s.importance_sampling_level == "sequence":
+            return objective.sequence_clipped_surrogate(
+                logps, old, advantages, mask=mask, epsilon_low=s.epsilon_low, epsilon_high=s.epsilon_high
+            )
+        return objective.clipped_surrogate(logps, old, advantages, s.epsilon_low, s.epsilon_high)
+
     def _optimizer_step(
         self,
         rollouts: Rollouts,
@@ -331,7 +473,12 @@ class GRPOModule(L.LightningModule):
     ) -> GRPOStats:
         """One optimizer step over all micro-batches of the rollouts: loop, backward, clip, step."""
         opt = self.optimizers()
-        num_tokens = int(rollouts.completion_mask.sum())
+        s = self.grpo
+        num_tokens = int(
+            objective.loss_mask(
+                rollouts.completion_mask, rollouts.truncated, s.mask_truncated_completions
+            ).sum()
+        )
         opt.zero_grad()
         slices = self._micro_batches(rollouts)
         parts = []

@@ -7,6 +7,9 @@ or name it by import path (``"my_pkg.my_rewards:brevity"``) in YAML::
 
     rewards: [{name: accuracy, weight: 2.0}, {name: format, weight: 1.0, kwargs: {pattern: ...}}]
 
+Besides the row fields, ``columns`` holds ``completion_ids`` (each completion's token ids, EOS included), which
+GRPOModule passes to every call (``RewardSet(..., extra_columns=...)``); ``soft_overlong`` reads lengths from it.
+
 Which completions one call holds is the reward's ``scope`` (``RewardSpec.scope``; Tina: one prompt's group). A
 function with a ``group_size`` parameter gets the whole step in one call and normalizes per group itself (the
 length rewards, so the checker stays batched); one registered with ``per_completion=True`` gets the whole step

@@ -30,6 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "data" / "tiny"
 G, PROMPTS_PER_RANK, STEPS, MAX_NEW_TOKENS = 4, 2, 2, 64
+PACKED_TOKENS = 96  # mode "packed": model.grpo.micro_batch_tokens, small enough to split groups into passes
 
 
 def _config(
@@ -41,6 +42,8 @@ def _config(
     steps: int = STEPS,
     checkpoints: bool = False,
     engine: str = "hf",
+    micro_batch_tokens: int | None = None,
+    dynamic: bool = False,
 ) -> Path:
     """The embedded default (configs/tiny.yaml), shrunk: 2 steps, 2 prompts x 4 completions per rank, 64 tokens.
 
@@ -84,7 +87,12 @@ def _config(
     cfg["model"]["model"] = str(TINY)
     cfg["model"]["lora"]["dropout"] = 0.0  # dropout masks would differ between the runs
     cfg["model"]["grpo"].update(
-        num_generations=G, batch_size=G * prompts_per_step, micro_batch_size=G, beta=0.04, loss_type="grpo"
+        num_generations=G,
+        batch_size=G * prompts_per_step,
+        micro_batch_size=G,
+        beta=0.04,
+        loss_type="grpo",
+        micro_batch_tokens=micro_batch_tokens,
     )
     cfg["model"]["optim"]["warmup_ratio"] = 0.0  # with 2 steps, any warmup makes the first lr 0
     # cosine varies with each completion's own length, so groups are never all-equal (zero advantages) even when
@@ -92,6 +100,9 @@ def _config(
     cfg["model"]["rewards"].append(
         {"name": "cosine", "weight": 1.0, "kwargs": {"max_len": 2 * MAX_NEW_TOKENS}}
     )
+    if dynamic:  # dynamic sampling on a reward that is often equal within a group (format): refills, the cap
+        cfg["model"]["grpo"].update(dynamic_sampling=True, max_refill_rounds=2)
+        cfg["model"]["rewards"] = [{"name": "format", "weight": 1.0}]
     cfg["data"]["val_source"] = None
     cfg["rollout"]["sampling"]["max_new_tokens"] = MAX_NEW_TOKENS
     cfg["rollout"]["engine"] = engine
@@ -193,7 +204,9 @@ def _worker(out: Path, strategy: str, mode: str = "") -> None:
 
     mode "ckpt": also write adapters and resume checkpoints, and stop after STEPS of a STEPS + 1 schedule (as a
     pre-emption would); "resume": continue that run for its last step from out/ckpt/last.ckpt (results go to
-    resumed_rank<r>.pt); "straight": the STEPS + 1 steps without a break; "vllm": a vLLM engine per rank.
+    resumed_rank<r>.pt); "straight": the STEPS + 1 steps without a break; "vllm": a vLLM engine per rank;
+    "packed": packed passes of at most PACKED_TOKENS tokens (ranks may run different numbers of passes);
+    "dynamic": model.grpo.dynamic_sampling on a format-only reward (tests/test_rl_options.py).
     """
     from lightning_tina.__main__ import cli_main
     from lightning_tina.policy import whole  # gathers FSDP2 shards (every rank, same order)
@@ -211,6 +224,8 @@ def _worker(out: Path, strategy: str, mode: str = "") -> None:
         steps,
         checkpoints=mode in ("ckpt", "resume"),
         engine="vllm" if mode == "vllm" else "hf",
+        micro_batch_tokens=PACKED_TOKENS if mode == "packed" else None,
+        dynamic=mode == "dynamic",
     )
     cli = cli_main(["--config", str(config)], run=False)
     recorder = _Recorder()
@@ -221,7 +236,7 @@ def _worker(out: Path, strategy: str, mode: str = "") -> None:
     ckpt = str(out / "ckpt" / "last.ckpt") if mode == "resume" else None
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     steps = [
-        {**step, **{k: {n: whole(w) for n, w in step[k].items()} for k in ("adapter", "grad")}}
+        {**step, **{k: {n: whole(w) for n, w in step.get(k, {}).items()} for k in ("adapter", "grad")}}
         for step in recorder.steps
     ]
     initial = {n: whole(w) for n, w in recorder.initial_adapter.items()}
@@ -412,6 +427,20 @@ def test_fsdp2_matches_single_process_and_keeps_ranks_identical(tmp_path):
     ranks = _launch(tmp_path, "fsdp")
     if ranks[0]["steps"][0]["prompt_ids"] == ranks[1]["steps"][0]["prompt_ids"]:
         pytest.fail("the ranks saw the same prompts, so unsynchronized gradients could not show")
+    for s in range(STEPS):
+        a, b = ranks[0]["steps"][s]["adapter"], ranks[1]["steps"][s]["adapter"]
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    _assert_matches_single_process(ranks, _replay_single_process(tmp_path, ranks))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_packed_passes_under_ddp_and_fsdp2_match_count_based_single_process(tmp_path, strategy):
+    """micro_batch_tokens on 2 ranks: each rank plans its own packed passes (DDP: possibly a different number,
+    only the last backward all-reduces; FSDP2: padded to the most passes, since every forward gathers weights),
+    and the result equals 1 process with count-based micro-batches on the union of the data."""
+    ranks = _launch(tmp_path, strategy, "packed")
     for s in range(STEPS):
         a, b = ranks[0]["steps"][s]["adapter"], ranks[1]["steps"][s]["adapter"]
         for name in a:

@@ -221,7 +221,7 @@ def test_reference_and_policy_passes_follow_trim_padding(monkeypatch, trim):
     monkeypatch.setattr(
         module_file, "completion_logprobs", lambda *a, **k: seen.append(k["trim_padding"]) or real(*a, **k)
     )
-    m = _module(trim_padding=trim)
+    m = _module(trim_padding=trim, micro_batch_tokens=None)  # count-based passes (packing: test_packing.py)
     r = _rollouts(m)
     m._frozen_logprobs(r, reference=True)
     m.sequence_logprobs(m.policy, r.input_ids, r.attention_mask, r.completion_mask.shape[1])

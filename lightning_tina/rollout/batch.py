@@ -54,22 +54,40 @@ def order_groups_by_length(rollouts: Rollouts, group_size: int) -> Rollouts:
     (`logprobs.trim_unused_columns`) removes more of it. Groups stay whole and every field is permuted alike; the
     loss and statistics of a step are sums over rows, so the update is the same up to summation order.
     """
-    n = rollouts.completion_mask.shape[0]
-    longest = rollouts.completion_mask.sum(-1).view(n // group_size, group_size).amax(-1)  # [B]
-    groups = torch.sort(longest.cpu(), descending=True, stable=True).indices  # [B]
-    order = (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)  # [N]
-    if torch.equal(order, torch.arange(n)):
+    order = group_length_order(rollouts.completion_mask, group_size)  # [N]
+    if torch.equal(order, torch.arange(order.numel())):
         return rollouts
-    idx = order.tolist()
+    return take_rows(rollouts, order)
+
+
+def group_length_order(completion_mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Row order [N] that puts whole groups by their longest completion, longest first (stable)."""
+    n = completion_mask.shape[0]
+    longest = completion_mask.sum(-1).view(n // group_size, group_size).amax(-1)  # [B]
+    groups = torch.sort(longest.cpu(), descending=True, stable=True).indices  # [B]
+    return (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)  # [N]
+
+
+def take_rows(rollouts: Rollouts, rows: torch.Tensor) -> Rollouts:
+    """Rollouts of the given rows [M] (long), in that order; every tensor and list field alike."""
+    idx = rows.tolist()
     fields: dict = {}
     for name, value in rollouts._asdict().items():
         if isinstance(value, torch.Tensor):
-            fields[name] = value[order.to(value.device)]
+            fields[name] = value[rows.to(value.device)]
         elif isinstance(value, list):
             fields[name] = [value[i] for i in idx]
         else:
             fields[name] = value
     return Rollouts(**fields)
+
+
+def completion_token_ids(rollouts: Rollouts) -> list[list[int]]:
+    """Each completion's token ids (EOS included, padding not): N lists, what `completion_mask` marks."""
+    c = rollouts.completion_mask.shape[1]
+    ids = rollouts.input_ids[:, -c:].cpu()  # [N, C]: completions are right-padded after the prompt block
+    lengths = rollouts.completion_mask.sum(-1).cpu().tolist()  # [N]
+    return [row[:n] for row, n in zip(ids.tolist(), lengths, strict=True)]
 
 
 def decode_completion(tokenizer, token_ids: Sequence[int]) -> str:
