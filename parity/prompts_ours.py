@@ -14,22 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from prompts_tina import FORMATS  # one list of formats for both sides (plain Python, no Tina import)
+
 import lightning_tina.datamodule as dm_module
 from lightning_tina.datamodule import ReasoningDataModule
-
-FORMATS = {
-    "still": "still.jsonl",
-    "deepscaler": "deepscaler.jsonl",
-    "2thought": "2thought.jsonl",
-    "open_rs1": "open_s1.jsonl",
-    "open_rs2": "open_rs.jsonl",
-    "open_rs3": "open_rs.jsonl",
-    "limr": "limr.jsonl",
-    "open_r1": "open_r1.jsonl",
-    "thoughts": "thoughts.jsonl",
-    "l1_exact": "deepscaler.jsonl",
-    "l1_max": "deepscaler.jsonl",
-}
 
 
 class _Drawn:

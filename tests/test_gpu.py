@@ -15,6 +15,7 @@ nvidia-smi).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -231,18 +232,7 @@ def test_fit_with_the_vllm_engine_three_steps(tmp_path: Path, monkeypatch: pytes
         original_close(self)
 
     monkeypatch.setattr(VLLMEngine, "close", close)
-    cfg = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
-    cfg["trainer"].update(
-        accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=3, default_root_dir=str(tmp_path)
-    )
-    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
-    cfg["trainer"]["callbacks"] = []
-    cfg["model"]["dtype"] = "bfloat16"
-    cfg["model"]["grpo"].update(batch_size=16, micro_batch_size=16)
-    cfg["rollout"]["engine"] = "vllm"
-    cfg["rollout"]["vllm"] = {"gpu_memory_utilization": 0.3, "max_model_len": 512}
-    path = tmp_path / "fit.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = _vllm_fit_config(tmp_path, devices=1)
     cli = cli_main(["fit", "--config", str(path)])
     assert cli.trainer.global_step == 3
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("engine/")}
@@ -273,16 +263,7 @@ def test_two_ranks_put_one_engine_on_each_gpu(tmp_path: Path) -> None:
     why = _vllm_cuda()
     if why:
         pytest.skip(why)
-    cfg = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
-    cfg["trainer"].update(accelerator="gpu", devices=2, strategy="ddp", precision="bf16-mixed", max_steps=3)
-    cfg["trainer"].update(default_root_dir=str(tmp_path), callbacks=[])
-    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
-    cfg["model"]["dtype"] = "bfloat16"
-    cfg["model"]["grpo"].update(batch_size=16, micro_batch_size=16)
-    cfg["rollout"]["engine"] = "vllm"
-    cfg["rollout"]["vllm"] = {"gpu_memory_utilization": 0.3, "max_model_len": 512}
-    path = tmp_path / "fit.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = _vllm_fit_config(tmp_path, devices=2, strategy="ddp")
     script = tmp_path / "fit.py"
     script.write_text(_TWO_GPU_FIT)
     proc = subprocess.Popen([sys.executable, str(script), str(path)], cwd=ROOT)
@@ -326,3 +307,18 @@ def test_two_ranks_put_one_engine_on_each_gpu(tmp_path: Path) -> None:
     assert len(busy) >= 2, busy
     assert all(len(g) == 1 for g in busy.values()), busy  # no process on two GPUs
     assert len(set().union(*busy.values())) >= 2, busy  # and the two ranks on different GPUs
+
+
+def _vllm_fit_config(tmp_path: Path, devices: int, **trainer: Any) -> Path:
+    """configs/tiny.yaml as a 3-step bf16 fit on `devices` GPUs with the vLLM engine (no callbacks), written out."""
+    cfg = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    cfg["trainer"].update(accelerator="gpu", devices=devices, precision="bf16-mixed", max_steps=3, **trainer)
+    cfg["trainer"].update(default_root_dir=str(tmp_path), callbacks=[])
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    cfg["model"]["dtype"] = "bfloat16"
+    cfg["model"]["grpo"].update(batch_size=16, micro_batch_size=16)
+    cfg["rollout"]["engine"] = "vllm"
+    cfg["rollout"]["vllm"] = {"gpu_memory_utilization": 0.3, "max_model_len": 512}
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
