@@ -17,6 +17,7 @@ from lightning_tina.callbacks.adapter_checkpoint import AdapterCheckpoint
 from lightning_tina.callbacks.progress import TinaProgressBar
 from lightning_tina.callbacks.resume import ResumeCheckpoint
 from lightning_tina.callbacks.rollout import RolloutCallback
+from lightning_tina.checks import check_fields
 from lightning_tina.datamodule import ReasoningDataModule
 from lightning_tina.module import GRPOModule
 from lightning_tina.rollout.vllm import engine_logprobs_mode
@@ -41,10 +42,9 @@ class CheckpointSettings:
     """ResumeCheckpoint's period; None: as its callback says."""
 
     def __post_init__(self) -> None:
-        for key in ("every_n_train_steps", "resume_every_n_train_steps"):
-            value = getattr(self, key)
-            if value is not None and value < 0:
-                raise ValueError(f"checkpoint.{key}={value} must be >= 0 (0: only at the end), or null")
+        periods = {k: getattr(self, k) for k in ("every_n_train_steps", "resume_every_n_train_steps")}
+        need = ">= 0 (0: only at the end), or null"
+        check_fields("checkpoint", self, [(k, v is None or v >= 0, need) for k, v in periods.items()])
 
     def apply(self, callbacks: list[Any]) -> None:
         """Set the periods of the checkpoint callbacks that this section names."""

@@ -22,6 +22,9 @@ CPU_ATTENTION = "lightning_tina_cpu"
 """The name under which the attention function is registered with transformers."""
 PLAIN_MAX_SCORE_BYTES = 64 * 2**20
 """Largest float32 score tensor ([batch, heads, queries, keys]) computed with the plain kernel; above it, SDPA."""
+PACKED_SEGMENTS_KWARG = "packed_segments"
+"""The keyword under which `packing.run_packed` hands the segments to `cpu_attention` (transformers passes
+unknown forward keywords down to the attention function)."""
 
 
 def cpu_attention(
@@ -38,7 +41,7 @@ def cpu_attention(
     work and the score tensors are those of the sequences, not of the whole row."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    segments = kwargs.pop("packed_segments", None)
+    segments = kwargs.pop(PACKED_SEGMENTS_KWARG, None)
     if segments is not None:
         from lightning_tina.packing import segment_attention
 

@@ -99,12 +99,10 @@ class ReasoningDataModule(L.LightningDataModule):
         self.rows_in_epoch = 0
         self.skipped: Counter[str] = Counter()  # rows dropped, by reason ("too_long", RowError kinds)
         self.consumed: dict[str, int] | None = None  # position after the last batch handed to training_step
-        self._live: Iterator[tuple[list[int], dict[str, Any]]] | None = (
-            None  # the training loader's prompt stream
-        )
-        self._refills: list[
-            tuple[int, int, int, int]
-        ] = []  # (epoch, row) -> (epoch, row) ranges refills read
+        # the training loader's prompt stream
+        self._live: Iterator[tuple[list[int], dict[str, Any]]] | None = None
+        # (epoch, row) -> (epoch, row) ranges refills read
+        self._refills: list[tuple[int, int, int, int]] = []
         self.skips: list[tuple[int, int, int, int]] = []  # such ranges after the resume point: jumped over
 
     # ---- set-up --------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ on hand-computed values in `tests/test_grpo.py`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +32,10 @@ AdvantageScale = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ImportanceLevel = Literal["token", "sequence"]
 PolicyLoss = Literal["clip", "cispo"]
-ADVANTAGE_SCALES: tuple[str, ...] = ("group", "batch", "none")
-LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
-IMPORTANCE_LEVELS: tuple[str, ...] = ("token", "sequence")
-POLICY_LOSSES: tuple[str, ...] = ("clip", "cispo")
+ADVANTAGE_SCALES: tuple[str, ...] = get_args(AdvantageScale)
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+IMPORTANCE_LEVELS: tuple[str, ...] = get_args(ImportanceLevel)
+POLICY_LOSSES: tuple[str, ...] = get_args(PolicyLoss)
 
 
 @dataclass

@@ -254,23 +254,28 @@ class GRPOModule(L.LightningModule):
     def ordered_for_micro_batches(self, rollouts: Rollouts) -> Rollouts:
         """With several groups per micro-batch (and trim_padding), whole groups ordered by their longest completion:
         similar lengths then share a micro-batch, so trimming its padding removes more. Otherwise unchanged."""
-        s = self.grpo
-        if s.trim_padding and s.num_generations < s.micro_batch_size < rollouts.input_ids.shape[0]:
-            return order_groups_by_length(rollouts, s.num_generations)
+        if self._orders_groups(rollouts.input_ids.shape[0]):
+            return order_groups_by_length(rollouts, self.grpo.num_generations)
         return rollouts
+
+    def _orders_groups(self, n: int) -> bool:
+        """Whether `ordered_for_micro_batches` reorders a step of n rows."""
+        s = self.grpo
+        return s.trim_padding and s.num_generations < s.micro_batch_size < n
 
     def _micro_batches(self, rollouts: Rollouts) -> list[slice | torch.Tensor]:
         """The rows of each forward/backward pass: slices of micro_batch_size rows, or with micro_batch_tokens the
         row indices [n'] of each packed pass (whole groups when prompts are shared; `packing.plan_passes`)."""
         n, mb = rollouts.input_ids.shape[0], self.grpo.micro_batch_size
-        if self._token_budget(rollouts.attention_mask, rollouts.completion_mask.shape[1]) is None:
+        budget = self._token_budget(rollouts.attention_mask, rollouts.completion_mask.shape[1])
+        if budget is None:
             return [slice(i, min(i + mb, n)) for i in range(0, n, mb)]
         return [
             torch.tensor(packing.flat_rows(p), device=rollouts.input_ids.device)
-            for p in self._passes(rollouts)
+            for p in self._passes(rollouts, budget)
         ]
 
-    def _passes(self, rollouts: Rollouts) -> list[packing.Pass]:
+    def _passes(self, rollouts: Rollouts, budget: int) -> list[packing.Pass]:
         """Packed passes up to micro_batch_tokens tokens. Under FSDP2 every rank runs as many passes as the rank
         with the most (each forward gathers the weights collectively); under DDP ranks may differ, since only each
         rank's last backward all-reduces (see _optimizer_step)."""
@@ -280,7 +285,6 @@ class GRPOModule(L.LightningModule):
             rollouts.input_ids, rollouts.attention_mask, c, s.num_generations
         )
         g = s.num_generations if shared else 1
-        budget = self._token_budget(rollouts.attention_mask, c)
         passes = packing.plan_passes(prompt_lens, comp_lens, budget, g)
         if self.device_mesh is not None and torch.distributed.is_initialized():
             k = torch.tensor(len(passes), device=rollouts.input_ids.device)
@@ -366,7 +370,7 @@ class GRPOModule(L.LightningModule):
             first, lambda k: scored(refill(k), False), len(batch.prompt_ids), g, s.max_refill_rounds, pad,
             self._sync_max,
         )  # fmt: skip
-        if self.ordered_for_micro_batches(out.rollouts) is not out.rollouts:  # the same order, rewards alike
+        if self._orders_groups(len(out.rollouts.rows)):  # as ordered_for_micro_batches, rewards alike
             groups = group_length_order(out.rollouts.completion_mask, g)[::g] // g  # [B]
             out = take_groups(out, groups, g)
         return out.rollouts, out.scores, stats, reward_s[0]
@@ -404,7 +408,8 @@ class GRPOModule(L.LightningModule):
         s = self.grpo
         mask = rollouts.completion_mask  # [N, C]
         n, c = mask.shape
-        m = objective.loss_mask(mask, rollouts.truncated, s.mask_truncated_completions)[sl]  # [n', C]
+        full = objective.loss_mask(mask, rollouts.truncated, s.mask_truncated_completions)  # [N, C]
+        m = full[sl]  # [n', C]
         logps, entropy = self.sequence_logprobs(
             self.policy,
             rollouts.input_ids[sl],
@@ -430,7 +435,6 @@ class GRPOModule(L.LightningModule):
         budget = self.rollout_source.max_new_tokens if self.rollout_source is not None else c
         bnpo_weights = None
         if isinstance(sl, torch.Tensor) and s.loss_type == "bnpo":  # a packed pass: count-based token means
-            full = objective.loss_mask(mask, rollouts.truncated, s.mask_truncated_completions)  # [N, C]
             bnpo_weights = self._bnpo_weights(full)[sl]  # [n']
         loss = objective.aggregate_loss(
             per_token, m, s.loss_type, num_sequences=n, num_tokens=num_tokens, max_completion_length=budget,

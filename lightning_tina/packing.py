@@ -240,8 +240,8 @@ def _assemble(
 ) -> PackedRow:
     """Concatenate the pieces of `pack_row` (an empty pass gives an empty row)."""
 
-    def cat(parts: list[torch.Tensor], dtype: torch.dtype = torch.long) -> torch.Tensor:
-        return torch.cat(parts).to(device) if parts else torch.zeros(0, dtype=dtype, device=device)
+    def cat(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts).to(device) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
     return PackedRow(
         input_ids=cat(ids).unsqueeze(0),  # [1, T]
@@ -256,10 +256,6 @@ def _assemble(
 
 # ---- running the model on a packed row ------------------------------------------------------------------------------
 
-PACKED_SEGMENTS_KWARG = "packed_segments"
-"""The keyword under which `run_packed` hands the segments to lightning_tina's CPU attention (transformers passes
-unknown forward keywords down to the attention function)."""
-
 
 def can_share_prompt(attn_implementation: str | None) -> bool:
     """Whether the attention can let a completion see a prompt placed elsewhere in the row (not flash attention:
@@ -270,7 +266,7 @@ def can_share_prompt(attn_implementation: str | None) -> bool:
 def run_packed(model: nn.Module, row: PackedRow) -> torch.Tensor:
     """The final-norm hidden states [1, T, H] of a packed row, attention kept within each segment."""
     from lightning_tina import logprobs
-    from lightning_tina.attention import CPU_ATTENTION
+    from lightning_tina.attention import CPU_ATTENTION, PACKED_SEGMENTS_KWARG
 
     config = causal_lm(model).config
     attn = config._attn_implementation

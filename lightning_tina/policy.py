@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lightning_tina.attention import CPU_ATTENTION
 from lightning_tina.checks import check_fields
 from lightning_tina.fused_lora import install_fused_lora
 
@@ -67,7 +68,7 @@ def check_attention(attn_implementation: str | None) -> None:
     "sdpa" (PyTorch's own kernels, flash attention included on CUDA) and "eager" always work; so does None (the
     library's choice) and lightning_tina's CPU kernel. Kernels from the hub ("kernels-community/...") need the
     `kernels` package."""
-    if not attn_implementation or attn_implementation in ("sdpa", "eager", "lightning_tina_cpu"):
+    if not attn_implementation or attn_implementation in ("sdpa", "eager", CPU_ATTENTION):
         return
     import transformers.utils as tu
 

@@ -91,17 +91,11 @@ def main() -> None:
     a = p.parse_args()
     mod = load_rewards(a.tina_dir)
     result = run(mod, json.loads(a.cases.read_text()))
-    result["versions"] = {
-        name: _dist_version(name) for name in ("math-verify", "latex2sympy2_extended", "trl", "sympy")
-    }
-    a.out.write_text(json.dumps(result))
-    print(f"tina rewards -> {a.out} ({result['versions']})")
-
-
-def _dist_version(name: str) -> str:
     from importlib.metadata import version
 
-    return version(name)
+    result["versions"] = {n: version(n) for n in ("math-verify", "latex2sympy2_extended", "trl", "sympy")}
+    a.out.write_text(json.dumps(result))
+    print(f"tina rewards -> {a.out} ({result['versions']})")
 
 
 if __name__ == "__main__":

@@ -251,6 +251,14 @@ cli_main(["fit", "--config", sys.argv[1]])
 """
 
 
+def _nvidia_smi(query: str, fmt: str = "csv,noheader") -> list[list[str]]:
+    """nvidia-smi's answer to one --query-... flag: a row of stripped fields per line."""
+    import subprocess
+
+    out = subprocess.run(["nvidia-smi", query, f"--format={fmt}"], capture_output=True, text=True).stdout
+    return [[x.strip() for x in line.split(",")] for line in out.strip().splitlines()]
+
+
 def test_two_ranks_put_one_engine_on_each_gpu(tmp_path: Path) -> None:
     """DDP on two GPUs, a vLLM engine per rank: while it trains, nvidia-smi must show each training process on
     exactly one GPU, and the two on different GPUs (before issue 17 both engines started on GPU 0)."""
@@ -267,30 +275,14 @@ def test_two_ranks_put_one_engine_on_each_gpu(tmp_path: Path) -> None:
     script = tmp_path / "fit.py"
     script.write_text(_TWO_GPU_FIT)
     proc = subprocess.Popen([sys.executable, str(script), str(path)], cwd=ROOT)
-    uuids = subprocess.run(
-        ["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"], capture_output=True, text=True
-    ).stdout
-    index = {u.strip(): int(i) for i, u in (line.split(",") for line in uuids.strip().splitlines())}
+    index = {u: int(i) for i, u in _nvidia_smi("--query-gpu=index,uuid")}
     seen: dict[int, set[int]] = {}
-    used: dict[
-        int, float
-    ] = {}  # the most memory each GPU had in use (MiB), for containers that hide the pids
+    # the most memory each GPU had in use (MiB), for containers that hide the pids
+    used: dict[int, float] = {}
     while proc.poll() is None:
-        mem = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-        ).stdout
-        for line in mem.strip().splitlines():
-            i, m = (x.strip() for x in line.split(","))
+        for i, m in _nvidia_smi("--query-gpu=index,memory.used", "csv,noheader,nounits"):
             used[int(i)] = max(used.get(int(i), 0.0), float(m))
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,gpu_uuid,used_memory", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-        ).stdout
-        for line in out.strip().splitlines():
-            pid, uuid, _ = (x.strip() for x in line.split(","))
+        for pid, uuid, _ in _nvidia_smi("--query-compute-apps=pid,gpu_uuid,used_memory"):
             seen.setdefault(int(pid), set()).add(index.get(uuid, -1))
         time.sleep(1)
     assert proc.returncode == 0

@@ -308,22 +308,15 @@ def grade(completion: str, gold: str, mode: str, strict: bool | str, letters: st
     not math: scored by string equality, or letter mismatch; for the Tina reward graders: Tina's gold parse found
     nothing) or "error" (an unexpected exception, scored wrong).
     """
-    if isinstance(strict, str):
-        if strict not in GRADERS:
-            raise ValueError(f"grader={strict!r} is not one of {list(GRADERS)}")
-        if strict.startswith("tina_"):
-            try:
-                return _grade_tina_reward(completion, gold, strict)
-            except RecursionError:
-                return False, None, "error"
-            except Exception:  # math-verify catches its own errors; anything left is a checker bug or OOM
-                logging.getLogger(__name__).debug("grading failed", exc_info=True)
-                return False, None, "error"
-        strict = strict == "strict"
+    grader = strict if isinstance(strict, str) else ("strict" if strict else "lighteval")
+    if grader not in GRADERS:
+        raise ValueError(f"grader={grader!r} is not one of {list(GRADERS)}")
     try:
+        if grader.startswith("tina_"):
+            return _grade_tina_reward(completion, gold, grader)
         if mode == "letter":
-            return _grade_letter(completion, gold, strict, letters)
-        if strict:
+            return _grade_letter(completion, gold, grader == "strict", letters)
+        if grader == "strict":
             return _grade_strict_math(completion, gold, mode)
         return _grade_tina_math(completion, gold, mode)
     except RecursionError:

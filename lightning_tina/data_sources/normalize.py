@@ -299,14 +299,11 @@ def _gold(row: _Row, problem_label: str) -> dict[str, Any]:
     docstring (`problem_label` is kept out of the mapping suggested when the row has no answer)."""
     canon = row.canon
     tina_col = _tina_gold_column(row.entry, canon)
-    if tina_col is not None:
-        text = row.text(tina_col, tina_col)
-        out = {"solution": text if tina_col == "solution" else f"${text}$"}
-        if tina_col == "answer" and canon.get("solution") is not None:
-            out["solution_archive"] = canon["solution"]
-        return out
-    if "answer" in canon:
-        out = {"solution": wrap_math(row.text("answer", "answer"))}
+    if tina_col == "solution":
+        return {"solution": row.text("solution", "solution")}
+    if "answer" in canon:  # with `gold: tina` the answer is wrapped untouched
+        text = row.text("answer", "answer")
+        out = {"solution": f"${text}$" if tina_col == "answer" else wrap_math(text)}
         if canon.get("solution") is not None:
             out["solution_archive"] = canon["solution"]
         return out

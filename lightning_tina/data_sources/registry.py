@@ -12,7 +12,7 @@ import difflib
 import glob
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from lightning_tina.prompts import resolve_system_prompt
 
@@ -267,7 +267,6 @@ def resolve(source: DataSource) -> DatasetEntry:
             config=source.config if source.config is not None else base.config,
             revision=source.revision,
             columns={**base.columns, **source.columns},
-            gold=source.gold,
         )
     else:
         files = _local_files(source.name)
@@ -279,7 +278,6 @@ def resolve(source: DataSource) -> DatasetEntry:
                 files=files,
                 file_format=_file_format(source.name, files),
                 columns=dict(source.columns),
-                gold=source.gold,
                 system_prompt=_tina_system_prompt(None),
                 notes="Local files, Tina's generic normalization.",
             )
@@ -291,7 +289,6 @@ def resolve(source: DataSource) -> DatasetEntry:
                 split=source.split,
                 revision=source.revision,
                 columns=dict(source.columns),
-                gold=source.gold,
                 system_prompt=_tina_system_prompt(source.name),
                 notes="Hub dataset, Tina's generic normalization.",
             )
@@ -302,8 +299,9 @@ def resolve(source: DataSource) -> DatasetEntry:
                 f"data source {source.name!r} is not a registry name ({', '.join(sorted(REGISTRY))}), a hub id "
                 f"('owner/dataset') or an existing local file. {hint}"
             )
-    if source.gold not in ("answer", "tina"):
+    if source.gold not in get_args(GoldRule):
         raise ValueError(f"data.gold must be 'answer' or 'tina', got {source.gold!r}")
+    entry = replace(entry, gold=source.gold)
     if source.system_prompt is not None:
         entry = replace(entry, system_prompt=resolve_system_prompt(source.system_prompt))
     return entry
