@@ -90,15 +90,16 @@ class RolloutCallback(L.Callback):
     def _check_freshness(self, trainer: L.Trainer) -> None:
         """On GPU, stop when the engine's log-probs drift from the trainer's (rollout.vllm.max_logprob_diff).
 
-        Reads the step's logged engine/logprob_diff_mean; the largest over the ranks decides, so that every rank
-        raises together (one rank raising alone would leave the others waiting in the next collective)."""
+        Reads the step's logged engine/logprob_diff_mean (a population: every adapter's, the worst decides); the
+        largest over the ranks decides, so that every rank raises together (one rank raising alone would leave the
+        others waiting in the next collective)."""
         engine = self.source.engine
-        diff = trainer.callback_metrics.get("engine/logprob_diff_mean")
-        if not isinstance(engine, VLLMEngine) or not engine.on_gpu or diff is None:
+        key = "engine/logprob_diff_mean"
+        diffs = [v for k, v in trainer.callback_metrics.items() if k == key or k.startswith(key + "/")]
+        if not isinstance(engine, VLLMEngine) or not engine.on_gpu or not diffs:
             return
-        worst = trainer.strategy.reduce(
-            diff.detach().float().to(trainer.strategy.root_device), reduce_op="max"
-        )
+        diff = torch.stack([d.detach().float() for d in diffs]).max()
+        worst = trainer.strategy.reduce(diff.to(trainer.strategy.root_device), reduce_op="max")
         check_logprob_drift(float(worst), self.source.vllm.max_logprob_diff, on_gpu=True)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

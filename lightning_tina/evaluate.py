@@ -1,6 +1,7 @@
 """Benchmark evaluation through any RolloutEngine: sample k completions per problem, grade, score, write, re-grade.
 
-Used by the training callback (`evaluate`) and as a command (`python -m lightning_tina.evaluate --help`). Outputs:
+Used by the training callback (`evaluate`; `evaluate_population` scores a population's adapters in one generate call
+per benchmark) and as a command (`python -m lightning_tina.evaluate --help`). Outputs:
 `results.json` (config and scores), `results.md` (Tina's table layout plus details) and `samples.jsonl` (one record
 per sample: prompt, completion, extracted answer, verdict), which `regrade` scores again offline.
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 from lightning_tina.benchmarks import REGISTRY, Benchmark, render, render_text
 from lightning_tina.passk import mean_pass_at_k, pass_at_1, reported_ks
-from lightning_tina.rollout.base import RolloutEngine, Sampler, SamplingConfig
+from lightning_tina.rollout.base import Adapters, RolloutEngine, Sampler, SamplingConfig, with_adapters
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +102,12 @@ def sample_and_grade(
     k: int,
     sampling: SamplingConfig,
     strict: bool = True,
+    adapters: Adapters = None,
 ) -> list[bool]:
-    """Sample `k` completions per prompt and grade each against its prompt's gold: correctness, group-major.
-    The decode and grading of `evaluate()`, for prompts that are not a registered benchmark (validate/test)."""
-    gens = sampler.generate(prompt_ids, k, sampling)
+    """Sample `k` completions per prompt (prompt i through population adapter adapters[i] when given) and grade
+    each against its prompt's gold: correctness, group-major. The decode and grading of `evaluate()`, for prompts
+    that are not a registered benchmark (validate/test)."""
+    gens = with_adapters(sampler.generate, prompt_ids, k, sampling, adapters=adapters)
     texts = [decode(tokenizer, g.token_ids) for g in gens]
     verdicts = _check_many(texts, [golds[i // k] for i in range(len(gens))], mode, strict)
     return [bool(v.correct) for v in verdicts]
@@ -169,18 +172,31 @@ def _sample_records(
     k: int,
     strict: bool,
     add_special_tokens: bool,
-) -> list[dict[str, Any]]:
-    """Sample `k` completions per problem of `bench`: one ungraded record per sample, group-major."""
+    adapters: Sequence[str] | None = None,
+) -> list[list[dict[str, Any]]]:
+    """Sample `k` completions per problem of `bench` in one generate call: ungraded records, group-major, one list
+    per adapter (prompts repeated adapter-major, prompt i through its adapter), or one list without `adapters`."""
     prompts = [render(p, tokenizer, add_special_tokens=add_special_tokens) for p in bench.problems]
     texts = [render_text(p, tokenizer) for p in bench.problems]
-    gens = engine.generate(prompts, k, replace(sampling, seed=_bench_seed(sampling.seed, bench.name)))
-    if len(gens) != len(prompts) * k:
-        raise RuntimeError(f"engine returned {len(gens)} generations for {len(prompts)} prompts x k={k}")
-    recs = []
-    for j, g in enumerate(gens):  # group-major: problem j // k, sample j % k
-        p = bench.problems[j // k]
-        recs.append(
-            dict(
+    seeded = replace(sampling, seed=_bench_seed(sampling.seed, bench.name))
+    if adapters is None:
+        gens = engine.generate(prompts, k, seeded)
+    else:
+        names = [a for a in adapters for _ in prompts]
+        gens = engine.generate(prompts * len(adapters), k, seeded, names)
+    per = len(prompts) * k
+    groups = [None] if adapters is None else list(adapters)
+    if len(gens) != per * len(groups):
+        across = "" if adapters is None else f" x {len(groups)} adapters"
+        raise RuntimeError(
+            f"engine returned {len(gens)} generations for {len(prompts)} prompts x k={k}{across}"
+        )
+    out = []
+    for a, adapter in enumerate(groups):
+        recs = []
+        for j, g in enumerate(gens[a * per : (a + 1) * per]):  # group-major: problem j // k, sample j % k
+            p = bench.problems[j // k]
+            rec = dict(
                 benchmark=bench.name,
                 problem_id=p.id,
                 sample=j % k,
@@ -192,8 +208,11 @@ def _sample_records(
                 finish_reason=g.finish_reason,
                 completion_tokens=len(g.token_ids),
             )
-        )
-    return recs
+            if adapter is not None:
+                rec["adapter"] = adapter
+            recs.append(rec)
+        out.append(recs)
+    return out
 
 
 def evaluate(
@@ -215,28 +234,90 @@ def evaluate(
     name. Records hold: benchmark, problem_id, sample, prompt (rendered text), completion, gold, mode, strict,
     finish_reason, completion_tokens, extracted, status, correct (and other_correct).
     """
+    hook = None if on_benchmark is None else (lambda _adapter, score: on_benchmark(score))
+    return _evaluate(
+        engine, tokenizer, benchmarks, sampling, k, strict, compare_modes, add_special_tokens, hook
+    )[0]
+
+
+def evaluate_population(
+    engine: Sampler,
+    tokenizer: Any,
+    benchmarks: Sequence[Benchmark],
+    sampling: SamplingConfig,
+    k: int,
+    adapters: Sequence[str],
+    strict: bool = True,
+    *,
+    compare_modes: bool = False,
+    add_special_tokens: bool = False,
+    on_benchmark: Callable[[str, BenchmarkScore], None] | None = None,
+) -> dict[str, EvalResult]:
+    """`evaluate` for several population adapters at once: per benchmark ONE generate call samples every adapter's
+    `k` completions per problem (prompts repeated adapter-major, each naming its adapter), then each adapter's
+    records are graded and scored as `evaluate` does. Returns one EvalResult per adapter, in `adapters` order.
+
+    Seeds as `evaluate` (one per benchmark, shared by the adapters); with greedy sampling adapter a's result equals a
+    solo `evaluate` with adapter a active. Records also hold `adapter`; each result's config names its adapter."""
+    names = list(adapters)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"evaluate_population: adapters must be unique names, at least one; got {names}")
+    results = _evaluate(
+        engine,
+        tokenizer,
+        benchmarks,
+        sampling,
+        k,
+        strict,
+        compare_modes,
+        add_special_tokens,
+        on_benchmark,
+        names,
+    )
+    for name, result in zip(names, results, strict=True):
+        result.config["adapter"] = name
+    return dict(zip(names, results, strict=True))
+
+
+def _evaluate(
+    engine: Sampler,
+    tokenizer: Any,
+    benchmarks: Sequence[Benchmark],
+    sampling: SamplingConfig,
+    k: int,
+    strict: bool,
+    compare_modes: bool,
+    add_special_tokens: bool,
+    on_benchmark: Callable[[str | None, BenchmarkScore], None] | None,
+    adapters: Sequence[str] | None = None,
+) -> list[EvalResult]:
+    """The one evaluation path: one EvalResult per adapter (one without `adapters`, the policy as it is)."""
     if k < 1:
         raise ValueError(f"k (samples per problem) must be >= 1, got {k}")
-    records: list[dict[str, Any]] = []
-    scores: dict[str, BenchmarkScore] = {}
+    groups: list[str | None] = [None] if adapters is None else list(adapters)
+    records: list[list[dict[str, Any]]] = [[] for _ in groups]
+    scores: list[dict[str, BenchmarkScore]] = [{} for _ in groups]
     for bench in benchmarks:
         t0 = time.perf_counter()
-        recs = _sample_records(engine, tokenizer, bench, sampling, k, strict, add_special_tokens)
-        _grade(recs, strict)
+        sampled = _sample_records(engine, tokenizer, bench, sampling, k, strict, add_special_tokens, adapters)
+        every = [r for recs in sampled for r in recs]  # one grading pass over every adapter's records
+        _grade(every, strict)
         if compare_modes:
-            _grade(recs, not strict, key="other_")
-        scores[bench.name] = score_records(recs, other=compare_modes)[bench.name]
-        records.extend(recs)
-        log.info(
-            "%s: pass@1 %.4f (%.1fs)", bench.name, scores[bench.name].pass_at_1, time.perf_counter() - t0
-        )
-        if on_benchmark is not None:
-            on_benchmark(scores[bench.name])
+            _grade(every, not strict, key="other_")
+        for adapter, recs, own, kept in zip(groups, sampled, scores, records, strict=True):
+            own[bench.name] = score_records(recs, other=compare_modes)[bench.name]
+            kept.extend(recs)
+            where = bench.name if adapter is None else f"{bench.name} [{adapter}]"
+            log.info("%s: pass@1 %.4f (%.1fs)", where, own[bench.name].pass_at_1, time.perf_counter() - t0)
+            if on_benchmark is not None:
+                on_benchmark(adapter, own[bench.name])
     config = dict(sampling=asdict(sampling), k=k, strict=strict, compare_modes=compare_modes)
     config["benchmarks"] = {
         b.name: dict(source=b.source, seed=b.seed, problems=len(b.problems)) for b in benchmarks
     }
-    return EvalResult(scores=scores, records=records, config=config)
+    return [
+        EvalResult(scores=s, records=r, config=dict(config)) for s, r in zip(scores, records, strict=True)
+    ]
 
 
 def regrade(jsonl_path: str | Path, strict: bool | None = None) -> EvalResult:

@@ -40,9 +40,31 @@ from lightning_tina.policy import (
     whole,
     wrap_lora,
 )
+from lightning_tina.population import (
+    AdapterSettings,
+    Member,
+    activate,
+    adapter_parameters,
+    build_adapters,
+    comparison_layout,
+    members_hparams,
+    resolve_population,
+)
 from lightning_tina.rewards import RewardOutput, RewardSet, RewardSpec
-from lightning_tina.rollout.base import EngineSpec, PolicyHandle, RolloutSource, Sampler, SamplingConfig
-from lightning_tina.rollout.batch import completion_token_ids, group_length_order, order_groups_by_length
+from lightning_tina.rollout.base import (
+    EngineSpec,
+    PolicyHandle,
+    RolloutSource,
+    Sampler,
+    SamplingConfig,
+    with_adapters,
+)
+from lightning_tina.rollout.batch import (
+    completion_token_ids,
+    group_length_order,
+    order_groups_by_length,
+    row_block,
+)
 from lightning_tina.types import Generation, GRPOStats, LossStats, PromptBatch, Rollouts, StepTimes
 
 
@@ -96,6 +118,9 @@ class GRPOModule(L.LightningModule):
         fused_norm: RMSNorm layers with frozen weights run with a hand-written backward (lightning_tina/fused_norm.py;
             the same output, fewer element-wise passes); False: the model's own RMSNorm.
         eval: sampling for validate/test.
+        population: several adapters trained together on the one base and the same prompts (a whole ablation in
+            one job; lightning_tina/population.py): a list of {name, lora, optim, seed}, `lora`/`optim` overriding
+            the sections above for that adapter. None: one adapter (a solo run).
     """
 
     def __init__(
@@ -109,6 +134,7 @@ class GRPOModule(L.LightningModule):
         attn_implementation: str | None = None,
         fused_norm: bool = True,
         eval: EvalSettings = EvalSettings(),
+        population: list[AdapterSettings] | None = None,
     ) -> None:
         super().__init__()
         self.model_name = model
@@ -121,6 +147,12 @@ class GRPOModule(L.LightningModule):
         self.attn_implementation = attn_implementation
         self.fused_norm = fused_norm
         self.rewards = RewardSet(self.reward_specs)
+        self.members: list[Member] = resolve_population(population, self.lora, self.optim)
+        if len(self.members) > 1 and self.grpo.dynamic_sampling:
+            raise ValueError(
+                "model.grpo.dynamic_sampling refills each adapter with different prompts, which would break a "
+                "population's shared prompt stream: set it false, or run the adapters as solo runs"
+            )
         self.tokenizer = load_tokenizer(check_model_path(model, "model.model"))
         self.automatic_optimization = False  # GRPO may take several optimizer steps per rollout batch
         self.strict_loading = False  # checkpoints hold only the trainable (adapter) weights
@@ -128,17 +160,29 @@ class GRPOModule(L.LightningModule):
         self.reference: torch.nn.Module | None = None  # only without LoRA
         self.rollout_source: RolloutSource | None = None  # see connect_rollouts
         self.policy_version = 0  # bumped after every optimizer step; engines resync on change
-        self.nonfinite_steps = 0  # updates skipped because the loss or gradient was NaN/inf
-        self.save_hyperparameters(
-            {
-                "model": model,
-                "lora": asdict(self.lora),
-                "grpo": asdict(self.grpo),
-                "optim": asdict(self.optim),
-                "rewards": [asdict(r) for r in self.reward_specs],
-                "dtype": dtype,
-            }
-        )
+        self.nonfinite = {m.name: 0 for m in self.members}  # updates skipped for a NaN/inf loss or gradient
+        self._member_params: list[list[torch.nn.Parameter]] = []  # per member, set by configure_optimizers
+        hparams = {
+            "model": model,
+            "lora": asdict(self.lora),
+            "grpo": asdict(self.grpo),
+            "optim": asdict(self.optim),
+            "rewards": [asdict(r) for r in self.reward_specs],
+            "dtype": dtype,
+        }
+        if members_hparams(self.members) is not None:
+            hparams["population"] = members_hparams(self.members)
+        self.save_hyperparameters(hparams)
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Updates skipped because the loss or gradient was NaN/inf (all adapters)."""
+        return sum(self.nonfinite.values())
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The population's adapter names in order; () for a solo run."""
+        return () if self.members[0].tag is None else tuple(m.name for m in self.members)
 
     # ---- the rollout seam (PolicyHandle for the source) ------------------------------------------------------------
 
@@ -160,8 +204,10 @@ class GRPOModule(L.LightningModule):
         return _BoundSampler(self._source("evaluation"), self)
 
     def engine_spec(self) -> EngineSpec:
-        """Base model, dtype and adapter rank: what an engine needs to serve this policy."""
-        return EngineSpec(self.model_name, self.dtype_name, self.lora.r)
+        """Base model, dtype, largest adapter rank and the population's adapters: what an engine needs to serve this
+        policy."""
+        rank = max(m.lora.r for m in self.members)
+        return EngineSpec(self.model_name, self.dtype_name, rank, self.adapter_names)
 
     def current_policy(self) -> tuple[torch.nn.Module, int]:
         """The live policy (loaded on first use) and its version, bumped after every optimizer step."""
@@ -180,7 +226,9 @@ class GRPOModule(L.LightningModule):
         if self.grpo.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.config.use_cache = False
-        if self.lora.enabled:
+        if self.adapter_names:
+            self.policy = build_adapters(base, self.members)
+        elif self.lora.enabled:
             self.policy = wrap_lora(base, self.lora)
         else:
             self.reference = frozen_reference(base)
@@ -319,34 +367,46 @@ class GRPOModule(L.LightningModule):
     # ---- training ------------------------------------------------------------------------------------------------
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        s = self.grpo
+        """Rollouts of every adapter in one call, then each adapter's GRPO update on its own rows (one adapter in
+        a solo run)."""
         t0 = time.perf_counter()
-        rollouts, scores, dynamic, t_reward = self._scored_rollouts(batch)  # scores: [N, F], [N]
+        scored, dynamic, t_reward = self._scored_rollouts(batch)  # per member: scores [N, F], [N]
+        t_rollout = time.perf_counter() - t0 - t_reward
+        for k, (member, out) in enumerate(zip(self.members, scored, strict=True)):
+            advantages, stats = self._update(k, out.rollouts, out.scores)
+            self._log_step(member, out.rollouts, out.scores, advantages, stats)
+            self._log_options(member, out.rollouts, dynamic)
+        train_s = time.perf_counter() - t0 - t_rollout - t_reward
+        self._log_perf(StepTimes(t_rollout, t_reward, train_s))
+        reward = torch.cat([out.scores.total for out in scored]).mean()
+        self.log(
+            "reward", reward, prog_bar=True, on_step=True, logger=False, sync_dist=self.trainer.world_size > 1
+        )
+
+    def _update(self, k: int, rollouts: Rollouts, scores: RewardOutput) -> tuple[torch.Tensor, GRPOStats]:
+        """Member k's GRPO update on its rollouts: advantages [N], reference and old-policy log-probs, then
+        num_iterations optimizer steps of its optimizer."""
+        s = self.grpo
+        if self.adapter_names:
+            activate(self.policy, self.members[k].name)
         advantages = objective.group_advantages(
             scores.total.to(self.device), s.num_generations, s.scale_rewards
         )  # [N]
-        t_rollout = time.perf_counter() - t0 - t_reward
-
         ref_logps = self._frozen_logprobs(rollouts, reference=True) if s.beta > 0 else None  # [N, C]
         old_logps = self._frozen_logprobs(rollouts, reference=False) if s.num_iterations > 1 else None
-
         for _ in range(s.num_iterations):
-            stats = self._optimizer_step(rollouts, advantages, ref_logps, old_logps)
-        times = StepTimes(t_rollout, t_reward, time.perf_counter() - t0 - t_rollout - t_reward)
-        self._log_step(rollouts, scores, advantages, stats, times)
-        self._log_options(rollouts, dynamic)
+            stats = self._optimizer_step(rollouts, advantages, ref_logps, old_logps, k)
+        return advantages, stats
 
-    def _scored_rollouts(
-        self, batch: PromptBatch
-    ) -> tuple[Rollouts, RewardOutput, DynamicStats | None, float]:
-        """The step's rollouts (ordered for micro-batches), their rewards, what dynamic sampling did (None when
-        off) and the seconds spent in rewards. With model.grpo.dynamic_sampling, groups with all-equal rewards are
-        replaced by groups of fresh prompts from the DataModule's stream (lightning_tina/dynamic_sampling.py)."""
+    def _scored_rollouts(self, batch: PromptBatch) -> tuple[list[Scored], DynamicStats | None, float]:
+        """Each member's rollouts of the step (ordered for micro-batches) and their rewards, what dynamic sampling
+        did (None when off) and the seconds spent in rewards. A population samples every adapter in one call: the
+        batch's prompts repeated adapter-major, each adapter's rows then scored and trained apart. With
+        model.grpo.dynamic_sampling (one adapter), groups with all-equal rewards are replaced by groups of fresh
+        prompts from the DataModule's stream (lightning_tina/dynamic_sampling.py)."""
         s, source, reward_s = self.grpo, self._source("training"), [0.0]
 
-        def scored(prompts: PromptBatch, order: bool) -> Scored:
-            r = _to_device(source.rollouts(prompts, self), self.device)
-            r = self.ordered_for_micro_batches(r) if order else r
+        def score(r: Rollouts) -> Scored:
             t = time.perf_counter()
             ids = {"completion_ids": completion_token_ids(r)}
             out = Scored(
@@ -355,9 +415,18 @@ class GRPOModule(L.LightningModule):
             reward_s[0] += time.perf_counter() - t
             return out
 
+        def scored(prompts: PromptBatch, order: bool) -> list[Scored]:
+            names, k = self.adapter_names, len(self.members)
+            if names:
+                prompts = PromptBatch(prompts.prompt_ids * k, prompts.rows * k, prompts.position)
+                names = [name for name in names for _ in range(len(prompts.prompt_ids) // k)]
+            r = _to_device(with_adapters(source.rollouts, prompts, self, adapters=names or None), self.device)
+            n = r.input_ids.shape[0] // k
+            blocks = [row_block(r, i * n, (i + 1) * n) for i in range(k)] if k > 1 else [r]
+            return [score(self.ordered_for_micro_batches(b) if order else b) for b in blocks]
+
         if not s.dynamic_sampling:
-            out = scored(batch, order=True)
-            return out.rollouts, out.scores, None, reward_s[0]
+            return scored(batch, order=True), None, reward_s[0]
         refill = getattr(getattr(self._trainer, "datamodule", None), "refill", None)
         if refill is None:
             raise ValueError(
@@ -365,15 +434,15 @@ class GRPOModule(L.LightningModule):
                 "`data:` section); this trainer has no such DataModule: set model.grpo.dynamic_sampling: false"
             )
         g, pad = s.num_generations, self.tokenizer.pad_token_id
-        first = scored(batch, order=False)
+        first = scored(batch, order=False)[0]  # one member: __init__ refuses dynamic sampling for more
         out, stats = fill_informative(
-            first, lambda k: scored(refill(k), False), len(batch.prompt_ids), g, s.max_refill_rounds, pad,
+            first, lambda k: scored(refill(k), False)[0], len(batch.prompt_ids), g, s.max_refill_rounds, pad,
             self._sync_max,
         )  # fmt: skip
         if self._orders_groups(len(out.rollouts.rows)):  # as ordered_for_micro_batches, rewards alike
             groups = group_length_order(out.rollouts.completion_mask, g)[::g] // g  # [B]
             out = take_groups(out, groups, g)
-        return out.rollouts, out.scores, stats, reward_s[0]
+        return [out], stats, reward_s[0]
 
     def _sync_max(self, x: int) -> int:
         """The maximum of x over the ranks (dynamic sampling's refill size): every rank draws alike."""
@@ -383,8 +452,9 @@ class GRPOModule(L.LightningModule):
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return int(t)
 
-    def _log_options(self, rollouts: Rollouts, dynamic: DynamicStats | None) -> None:
-        """Rollout tokens of the step, truncated completions masked out of the loss, what dynamic sampling did."""
+    def _log_options(self, member: Member, rollouts: Rollouts, dynamic: DynamicStats | None) -> None:
+        """Rollout tokens of the step, truncated completions masked out of the loss, what dynamic sampling did
+        (a member's own tags)."""
         s = self.grpo
         tokens = dynamic.rollout_tokens if dynamic is not None else int(rollouts.completion_mask.sum())
         metrics: dict[str, Any] = {"train/rollout_tokens": tokens}
@@ -393,7 +463,8 @@ class GRPOModule(L.LightningModule):
         if dynamic is not None:
             metrics.update({f"dynamic/{k}": v for k, v in dynamic._asdict().items()})
             metrics["dynamic/rollout_tokens_per_kept_group"] = tokens / max(dynamic.groups_kept, 1)
-        self.log_dict(_floats(metrics), on_step=True, sync_dist=self.trainer.world_size > 1)
+        tagged = {member.metric(k): v for k, v in metrics.items()}
+        self.log_dict(_floats(tagged), on_step=True, sync_dist=self.trainer.world_size > 1)
 
     def _micro_batch_loss(
         self,
@@ -474,9 +545,10 @@ class GRPOModule(L.LightningModule):
         advantages: torch.Tensor,
         ref_logps: torch.Tensor | None,
         old_logps: torch.Tensor | None,
+        k: int = 0,
     ) -> GRPOStats:
-        """One optimizer step over all micro-batches of the rollouts: loop, backward, clip, step."""
-        opt = self.optimizers()
+        """One optimizer step of member k over all micro-batches of its rollouts: loop, backward, clip, step."""
+        opt = self._optimizer(k)
         s = self.grpo
         num_tokens = int(
             objective.loss_mask(
@@ -485,40 +557,75 @@ class GRPOModule(L.LightningModule):
         )
         opt.zero_grad()
         slices = self._micro_batches(rollouts)
+        manual = self._reduces_gradients_itself()
         parts = []
         for i, sl in enumerate(slices):
             loss, stats = self._micro_batch_loss(rollouts, sl, advantages, ref_logps, old_logps, num_tokens)
             # DDP all-reduces gradients in backward: only in the last micro-batch's backward of the step
-            no_sync = i < len(slices) - 1 and self.trainer.world_size > 1
+            no_sync = (manual or i < len(slices) - 1) and self.trainer.world_size > 1
             with self.trainer.strategy.block_backward_sync() if no_sync else contextlib.nullcontext():
                 self.manual_backward(loss)
             parts.append(stats)
+        if manual:
+            self._mean_gradients_over_ranks(k)
         sums = LossStats.total(parts)
-        grad_norm = self._clip_gradients()
-        self._step_if_finite(grad_norm, sums.loss)
+        grad_norm = self._clip_gradients(k)
+        self._step_if_finite(k, grad_norm, sums.loss)
         return self._step_stats(sums, num_tokens, grad_norm, rollouts.engine_logprobs is not None)
 
-    def _clip_gradients(self) -> torch.Tensor:
-        """Clip the global gradient norm to model.grpo.max_grad_norm; returns the norm before clipping."""
-        params = [p for p in self.policy.parameters() if p.grad is not None]
+    def _reduces_gradients_itself(self) -> bool:
+        """A population under DDP: DDP's reducer syncs every trainable weight once per step, but each adapter's
+        backward reaches only its own weights (and there are several backward passes per step). So every backward
+        runs without DDP's sync and the step's adapter is averaged over the ranks by `_mean_gradients_over_ranks`.
+        FSDP2 reduce-scatters each unit's gradients in every backward by itself."""
+        return len(self.members) > 1 and self.device_mesh is None and self.trainer.world_size > 1
+
+    def _mean_gradients_over_ranks(self, k: int) -> None:
+        """Average member k's gradients over the ranks in one all-reduce (what DDP would have done)."""
+        grads = [p.grad for p in self._member_params[k] if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])  # [sum of sizes]
+        torch.distributed.all_reduce(flat)
+        flat /= self.trainer.world_size
+        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
+
+    def _optimizer(self, k: int) -> Any:
+        """Member k's optimizer (a solo run has one)."""
+        opts = self.optimizers()
+        return opts[k] if isinstance(opts, list) else opts
+
+    def _scheduler(self, k: int) -> Any:
+        """Member k's learning-rate schedule."""
+        scheds = self.lr_schedulers()
+        return scheds[k] if isinstance(scheds, list) else scheds
+
+    def _clip_gradients(self, k: int = 0) -> torch.Tensor:
+        """Clip member k's gradient norm to model.grpo.max_grad_norm; returns the norm before clipping."""
+        owned = self._member_params[k] if self.adapter_names else self.policy.parameters()
+        params = [p for p in owned if p.grad is not None]
         max_norm = self.grpo.max_grad_norm if self.grpo.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
         return whole(grad_norm).cpu()  # FSDP2: a DTensor (Lightning cannot all-reduce it)
 
-    def _step_if_finite(self, grad_norm: torch.Tensor, loss: float) -> None:
-        """Step optimizer and schedule; a NaN/inf update would destroy the adapter, so it is skipped and counted."""
-        opt, sched = self.optimizers(), self.lr_schedulers()
+    def _step_if_finite(self, k: int, grad_norm: torch.Tensor, loss: float) -> None:
+        """Step member k's optimizer and schedule; a NaN/inf update would destroy the adapter, so it is skipped and
+        counted (per adapter)."""
+        opt, sched, name = self._optimizer(k), self._scheduler(k), self.members[k].name
         if torch.isfinite(grad_norm) and math.isfinite(loss):
-            opt.step()
+            if k == 0:
+                opt.step()
+            else:  # through the strategy (precision plugin) but uncounted: global_step counts training steps
+                self.trainer.strategy.optimizer_step(opt.optimizer, lambda: None)
             sched.step()
             self.policy_version += 1
             return
-        self.nonfinite_steps += 1
+        self.nonfinite[name] += 1
         opt.zero_grad()
         limit = self.grpo.max_nonfinite_updates
-        if self.nonfinite_steps > limit:
+        if self.nonfinite[name] > limit:
+            which = f"adapter {name!r}: " if self.adapter_names else ""
             raise RuntimeError(
-                f"{self.nonfinite_steps} updates had a NaN/inf loss or gradient (more than "
+                f"{which}{self.nonfinite[name]} updates had a NaN/inf loss or gradient (more than "
                 f"model.grpo.max_nonfinite_updates={limit}); lower model.optim.lr, use "
                 "model.dtype float32 or bfloat16 instead of float16, or check the rewards for NaN"
             )
@@ -544,12 +651,13 @@ class GRPOModule(L.LightningModule):
 
     def _log_step(
         self,
+        member: Member,
         rollouts: Rollouts,
         scores: RewardOutput,
         advantages: torch.Tensor,
         stats: GRPOStats,
-        times: StepTimes,
     ) -> None:
+        """A member's step statistics under its own tags (`train/reward/<name>`; unchanged in a solo run)."""
         lengths = rollouts.completion_mask.sum(-1).float()  # [N]
         metrics: dict[str, Any] = {
             "train/reward": scores.total.mean(),
@@ -565,11 +673,8 @@ class GRPOModule(L.LightningModule):
             "train/completion_length_mean": lengths.mean(),
             "train/truncation_rate": rollouts.truncated.float().mean(),
             "train/grad_norm": stats.grad_norm,
-            "train/nonfinite_skipped": float(self.nonfinite_steps),
-            "train/lr": self.lr_schedulers().get_last_lr()[0],
-            "perf/rollout_s": times.rollout_s,
-            "perf/reward_s": times.reward_s,
-            "perf/train_s": times.train_s,
+            "train/nonfinite_skipped": float(self.nonfinite[member.name]),
+            "train/lr": self._scheduler(self.members.index(member)).get_last_lr()[0],
         }
         maxima = {"train/completion_length_max": lengths.max()}
         if stats.logprob_diff_mean is not None:
@@ -579,13 +684,30 @@ class GRPOModule(L.LightningModule):
             metrics["engine/tis_weight_mean"] = stats.tis_weight_mean
         metrics.update(self.rewards.metrics(scores))  # per function: mean, None fraction; checker timeouts
         sync = self.trainer.world_size > 1
+        metrics = {member.metric(k): v for k, v in metrics.items()}
+        maxima = {member.metric(k): v for k, v in maxima.items()}
         self.log_dict(_floats(metrics), on_step=True, sync_dist=sync)  # means over ranks
         self.log_dict(_floats(maxima), on_step=True, sync_dist=sync, reduce_fx="max")
+
+    def _log_perf(self, times: StepTimes) -> None:
+        """Phase times of the step (all adapters) and the DataModule's skip counts."""
+        sync = self.trainer.world_size > 1
+        perf = {
+            "perf/rollout_s": times.rollout_s,
+            "perf/reward_s": times.reward_s,
+            "perf/train_s": times.train_s,
+        }
+        self.log_dict(_floats(perf), on_step=True, sync_dist=sync)
         datamodule = getattr(self._trainer, "datamodule", None)
         skipped = {f"data/skipped_{k}": v for k, v in getattr(datamodule, "skipped", {}).items()}
         # rank 0's own counts: ranks meet different bad rows, and a synced log needs the same keys on every rank
         self.log_dict(_floats(skipped), on_step=True, rank_zero_only=True)
-        self.log("reward", scores.total.mean(), prog_bar=True, on_step=True, logger=False, sync_dist=sync)
+
+    def on_train_start(self) -> None:
+        """A population: one TensorBoard chart per statistic with a line per adapter (Custom Scalars)."""
+        experiment = getattr(self.logger, "experiment", None)
+        if self.adapter_names and self.trainer.is_global_zero and hasattr(experiment, "add_custom_scalars"):
+            experiment.add_custom_scalars(comparison_layout())
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
 
@@ -595,6 +717,7 @@ class GRPOModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["policy_version"] = self.policy_version
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
+        checkpoint["nonfinite_by_adapter"] = dict(self.nonfinite)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another base model or adapter shape with a message naming the setting."""
@@ -606,6 +729,7 @@ class GRPOModule(L.LightningModule):
             ("model.lora.r", saved_lora.get("r"), self.lora.r),
             ("model.lora.target_modules", saved_lora.get("target_modules"), list(self.lora.target_modules)),
         ]
+        checks += self._population_checks(saved.get("population"))
         for key, theirs, mine in checks:
             if theirs is not None and theirs != mine:
                 raise ValueError(
@@ -613,7 +737,10 @@ class GRPOModule(L.LightningModule):
                     f"set {key} to {theirs!r} to resume it, or start a new run without --ckpt_path"
                 )
         self.policy_version = int(checkpoint.get("policy_version", 0))
-        self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
+        by_adapter = checkpoint.get("nonfinite_by_adapter")
+        if by_adapter is None:  # checkpoints before populations: one adapter
+            by_adapter = {self.members[0].name: int(checkpoint.get("nonfinite_steps", 0))}
+        self.nonfinite = {m.name: int(by_adapter.get(m.name, 0)) for m in self.members}
         if "state_dict" not in checkpoint:
             # ModelParallelStrategy (FSDP2) loads the weights itself and removes them before this hook (with
             # strict=False, so a checkpoint without the adapter is not caught there)
@@ -631,17 +758,42 @@ class GRPOModule(L.LightningModule):
                     f"checkpoint weight {name} has shape {tuple(weights[name].shape)}, this model {tuple(param.shape)}"
                 )
 
+    def _population_checks(self, saved: list[dict[str, Any]] | None) -> list[tuple[str, Any, Any]]:
+        """(key, checkpoint's value, this run's value) for a population: the same adapters, ranks and targets."""
+        mine = members_hparams(self.members)
+        if saved is None and mine is None:
+            return []
+
+        def names(population: list[dict[str, Any]] | None) -> Any:
+            return [a["name"] for a in population] if population else "null (a solo run)"
+
+        checks = [("model.population", names(saved), names(mine))]
+        if saved and mine and names(saved) == names(mine):
+            for theirs, ours in zip(saved, mine, strict=True):
+                for key in ("r", "target_modules"):
+                    where = f"model.population[{ours['name']}].lora.{key}"
+                    checks.append((where, theirs["lora"][key], ours["lora"][key]))
+        return checks
+
     # ---- optimizer -----------------------------------------------------------------------------------------------
 
     def configure_optimizers(self):
+        """AdamW and its schedule; a population: one pair per adapter, over that adapter's weights only."""
         policy = self._require_policy()
-        params = [p for p in policy.parameters() if p.requires_grad]
-        opt, sched = build_optimizer(params, self.optim, self._total_optimizer_steps())
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if not self.adapter_names:
+            params = [p for p in policy.parameters() if p.requires_grad]
+            opt, sched = build_optimizer(params, self.optim, self._total_optimizer_steps(self.optim))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        self._member_params = [adapter_parameters(policy, m.name) for m in self.members]
+        out = []
+        for m, params in zip(self.members, self._member_params, strict=True):
+            opt, sched = build_optimizer(params, m.optim, self._total_optimizer_steps(m.optim))
+            out.append({"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}})
+        return out
 
-    def _total_optimizer_steps(self) -> int:
-        if self.optim.schedule_steps is not None:
-            return self.optim.schedule_steps
+    def _total_optimizer_steps(self, optim: OptimSettings) -> int:
+        if optim.schedule_steps is not None:
+            return optim.schedule_steps
         trainer = self._trainer
         if trainer is None:
             return 1
@@ -672,14 +824,22 @@ class GRPOModule(L.LightningModule):
     def _eval_step(self, batch: PromptBatch, stage: str) -> None:
         """pass@1 and pass@k on held-out prompts, decoded and graded as `evaluate()` does, with the accuracy
         reward's gold field and mode."""
-        k = self.eval_settings.k
+        k, m = self.eval_settings.k, len(self.members)
         gold_field, mode = self._grading()
-        golds = [row[gold_field] for row in batch.rows]
+        golds = [row[gold_field] for row in batch.rows] * m
+        prompts = (
+            list(batch.prompt_ids) * m
+        )  # a population: every adapter's prompts in one call, adapter-major
+        names = [a for a in self.adapter_names for _ in batch.prompt_ids] or None
         sampling = self.eval_settings.sampling()
-        correct = sample_and_grade(self.sampler(), self.tokenizer, batch.prompt_ids, golds, mode, k, sampling)
-        per_problem = torch.tensor(correct, dtype=torch.float32).view(-1, k).mean(1)  # [B]
-        self.log(f"{stage}/pass@1", per_problem.mean(), batch_size=len(batch.rows), prog_bar=True)
-        self.log(f"{stage}/pass@{k}", (per_problem > 0).float().mean(), batch_size=len(batch.rows))
+        correct = sample_and_grade(
+            self.sampler(), self.tokenizer, prompts, golds, mode, k, sampling, adapters=names
+        )
+        per_problem = torch.tensor(correct, dtype=torch.float32).view(m, -1, k).mean(2)  # [M, B]
+        for member, scores in zip(self.members, per_problem, strict=True):
+            size = len(batch.rows)
+            self.log(member.metric(f"{stage}/pass@1"), scores.mean(), batch_size=size, prog_bar=m == 1)
+            self.log(member.metric(f"{stage}/pass@{k}"), (scores > 0).float().mean(), batch_size=size)
 
 
 class _BoundSampler:
@@ -688,8 +848,8 @@ class _BoundSampler:
     def __init__(self, source: RolloutSource, policy: PolicyHandle) -> None:
         self.source, self.policy = source, policy
 
-    def generate(self, prompt_ids, n: int, sampling: SamplingConfig) -> list[Generation]:
-        return self.source.generate(prompt_ids, n, sampling, self.policy)
+    def generate(self, prompt_ids, n: int, sampling: SamplingConfig, adapters=None) -> list[Generation]:
+        return with_adapters(self.source.generate, prompt_ids, n, sampling, self.policy, adapters=adapters)
 
 
 def _std(x: torch.Tensor) -> torch.Tensor:

@@ -21,10 +21,12 @@ modules themselves, and a subclass would mean rebuilding the model.
    extension point; nothing is replaced). Where: lightning_tina/attention.py, through `attention_implementation`.
    Off: set model.attn_implementation (e.g. sdpa); None without CUDA selects it. Written against: transformers 5.19.
    Fallback: transformers' SDPA above attention.PLAIN_MAX_SCORE_BYTES. Breaks: tests/test_attention.py.
-4. vLLM punica functions: `vllm.lora.punica_wrapper.punica_cpu` module functions (a faster path for one adapter on
-   CPU). Where: lightning_tina/rollout/vllm_worker.py `install_cpu_single_lora_fast_path` (the vLLM engine's code).
+4. vLLM punica functions: `vllm.lora.punica_wrapper.punica_cpu` module functions (on CPU, one matmul per adapter
+   instead of a per-token gather: one adapter, or a population's adapters mixed in a batch). Where:
+   lightning_tina/rollout/vllm_worker.py `install_cpu_single_lora_fast_path` (the vLLM engine's code).
    Off: see rollout.vllm (VLLMConfig). Written against: vLLM 0.32.
-   Fallback: vLLM's own functions when their names change. Breaks: tests/test_vllm_engine.py (freshness tests).
+   Fallback: vLLM's own functions when their names change, or for tokens without an adapter.
+   Breaks: tests/test_vllm_engine.py (freshness tests), tests/test_vllm_population.py.
 5. vLLM IR op registry: a CPU provider of `rms_norm` and `fused_add_rms_norm`. Where: rollout/vllm_worker.py
    `install_cpu_rms_norm`. Off: see rollout.vllm (VLLMConfig). Written against: vLLM 0.32.
    Fallback: vLLM's native op. Breaks: tests/test_vllm_engine.py::test_compiled_cpu_rms_norm_matches_native.

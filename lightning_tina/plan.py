@@ -19,6 +19,13 @@ The activation model counts the tensors a Qwen2/Llama decoder layer saves for ba
 on all seven projections (`activation_bytes_per_token`); it is an estimate, checked against measured peaks by
 bench/gpu_check.sh (`plan_vs_measured`). Sizes are GB = 1e9 bytes; an L40S ("48 GB") reports 46,068 MiB = 48.3 GB.
 
+A population (`model.population`, K adapters on one base; docs/population.md) samples every adapter's completions in
+one engine call, so generation holds K x prompts x G sequences (K times the KV-cache tokens, and vLLM's max_num_seqs
+defaults to that many, capped at 256); the engine keeps one LoRA slot per adapter at the largest member's rank
+(inside its share, taken from the KV cache); the trainer holds K adapters with their gradients and AdamW states,
+each sized by its own rank and targets. Training runs one adapter's rows at a time, so the activations and the
+log-prob chunk are those of a solo run. A solo recipe's numbers do not change.
+
 `check_plan` is what `fit` runs on CUDA before training (TinaCLI.before_fit): it refuses a plan that cannot fit and
 names the setting to change.
 """
@@ -187,10 +194,17 @@ class Plan:
 
     def lines(self) -> list[str]:
         s = self.settings
+        population = (
+            f"population of {len(s['adapters'])}: {', '.join(s['adapters'])}; each adapter gets "
+            if "adapters" in s
+            else ""
+        )
         out = [
             f"{self.recipe}: per GPU, card {self.card_gb:.1f} GB ({s['devices']} GPU(s), {s['model']})",
             f"  micro-batch {s['micro_batch_size']} x ({s['max_prompt_length']} + {s['max_new_tokens']}) tokens, "
-            f"{s['completions']} completions per rank per step, LoRA r={s['lora_r']}, "
+            f"{population}{s['completions']} completions per rank per step"
+            + ("" if population else f", LoRA r={s['lora_r']}")
+            + ", "
             f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
             f"vLLM utilization {s['gpu_memory_utilization']}, sleep mode {'on' if s['sleep_mode'] else 'off'}",
         ]
@@ -253,9 +267,11 @@ def plan_for(
     engines_here = s.devices if (engines_on_gpu0 and s.devices > 1 and s.uses_vllm) else 1
     if s.uses_vllm:
         generation, training = _vllm_phases(plan, shape, s, trainer, engines_here, before_fixes)
-    else:  # HF generate: the KV cache of every completion of the step at once
-        kv_all = s.batch * (s.prompt_tokens + s.new_tokens) * shape.kv_bytes_per_token(s.dtype_bytes) / GB
-        plan.parts["HF generate KV cache"] = kv_all
+    else:  # HF generate: the KV cache of every completion of the step (every adapter's) at once
+        kv_all = (
+            s.k * s.batch * (s.prompt_tokens + s.new_tokens) * shape.kv_bytes_per_token(s.dtype_bytes) / GB
+        )
+        plan.parts["HF generate KV cache" + (f" ({s.k} adapters)" if s.members else "")] = kv_all
         generation = trainer.resident + RUNTIME_GB + kv_all
         training = trainer.peak + RUNTIME_GB
     plan.parts["generation phase"] = generation
@@ -285,6 +301,20 @@ class _Settings:
     sleep: bool
     max_len: int
     devices: int
+    members: tuple[tuple[str, int, tuple[str, ...]], ...] = ()
+    """A population's adapters: (name, LoRA rank, target modules) each; () for a solo run."""
+    weight_sync: str = "auto"
+    max_num_seqs: int | None = None
+
+    @property
+    def k(self) -> int:
+        """Adapters sampled and trained per step (1 for a solo run)."""
+        return max(1, len(self.members))
+
+    @property
+    def max_rank(self) -> int:
+        """The largest adapter rank (what vLLM's max_lora_rank must hold)."""
+        return max((r for _, r, _ in self.members), default=self.lora_r)
 
     @classmethod
     def read(cls, cfg: dict[str, Any], model: Any, shape: ModelShape) -> _Settings:
@@ -310,11 +340,16 @@ class _Settings:
             sleep=vllm.get("enable_sleep_mode") is None or bool(vllm["enable_sleep_mode"]),
             max_len=min(int(vllm.get("max_model_len") or shape.max_positions), shape.max_positions),
             devices=_devices(_get(cfg, "trainer", {}) or {}),
+            members=_members(_get(cfg, "model.population"), _get(cfg, "model.lora", {}) or {}),
+            weight_sync=str(vllm.get("weight_sync") or "auto"),
+            max_num_seqs=vllm.get("max_num_seqs"),
         )
 
     def summary(self) -> dict[str, Any]:
-        """The settings that `Plan.lines` prints."""
+        """The settings that `Plan.lines` prints (`adapters` only for a population)."""
+        extra = {"adapters": [f"{n} (r={r})" for n, r, _ in self.members]} if self.members else {}
         return dict(
+            **extra,
             model=self.model,
             devices=self.devices,
             micro_batch_size=self.micro_batch,
@@ -326,6 +361,25 @@ class _Settings:
             gpu_memory_utilization=self.util if self.uses_vllm else "-",
             sleep_mode=self.sleep and self.uses_vllm,
         )
+
+
+def _members(population: Any, lora: dict[str, Any]) -> tuple[tuple[str, int, tuple[str, ...]], ...]:
+    """(name, rank, targets) of each `model.population` entry, its `lora` overrides applied to `model.lora`."""
+    if not population:
+        return ()
+    out = []
+    for i, member in enumerate(population):
+        if not isinstance(member, dict):  # an AdapterSettings rather than parsed YAML
+            member = vars(member)
+        over = member.get("lora") or {}
+        out.append(
+            (
+                str(member.get("name", f"adapter_{i}")),
+                int(over.get("r", lora.get("r", 32))),
+                tuple(over.get("target_modules", lora.get("target_modules")) or ()),
+            )
+        )
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -345,13 +399,25 @@ class _TrainerMemory:
 def _trainer_memory(p: dict[str, float], shape: ModelShape, s: _Settings) -> _TrainerMemory:
     """Add the trainer's parts to the plan's `p`: resident memory, the runtime, one micro-batch's activations."""
     p["base weights"] = shape.parameters() * s.dtype_bytes / GB
-    if s.lora_on:
+    # float32 weight + gradient + AdamW's two moments, and DDP's gradient bucket (a float32 copy)
+    per_param = 4 + 4 + 8 + (4 if s.devices > 1 else 0)
+    if s.lora_on and s.members:
+        # every adapter keeps its weights, AdamW state and (zeroed only at its own next step) its gradients; DDP's
+        # buckets cover every trainable weight, i.e. all adapters
+        each = {
+            f"  adapter {name} (r={r})": shape.lora_parameters(r, list(targets)) * per_param / GB
+            for name, r, targets in s.members
+        }
+        p[f"adapters + grads + AdamW ({s.k} adapters)"] = sum(each.values())
+        resident = sum(p.values())
+        p.update(each)  # the detail lines, not summed again
+    elif s.lora_on:
         n = shape.lora_parameters(s.lora_r, s.targets)
-        # float32 weight + gradient + AdamW's two moments, and DDP's gradient bucket (a float32 copy)
-        p["adapter + grads + AdamW"] = n * (4 + 4 + 8 + (4 if s.devices > 1 else 0)) / GB
+        p["adapter + grads + AdamW"] = n * per_param / GB
     else:
         p["full weights' grads + AdamW"] = shape.parameters() * (s.dtype_bytes + 8 + 4) / GB
-    resident = sum(p.values())
+    if not (s.lora_on and s.members):
+        resident = sum(p.values())
     p["runtime (CUDA context, NCCL)"] = RUNTIME_GB
 
     # training: one micro-batch at the longest prompt + completion
@@ -387,13 +453,38 @@ def _vllm_phases(
     kv = share - engine_weights - ENGINE_OVERHEAD_GB
     p["vLLM share (utilization x card)"] = share
     p["  of which weights"] = engine_weights
+    if s.members:
+        # one LoRA slot per adapter at max_lora_rank (the largest member's), A and B of every targeted projection
+        # in the engine's bf16, allocated at start inside the share; a solo engine's one slot is in the overhead
+        targets = sorted({t for _, _, ts in s.members for t in ts})
+        slots = s.k * shape.lora_parameters(_vllm_lora_rank(s.max_rank), targets) * 2 / GB
+        p[f"  of which LoRA slots ({s.k} x r={_vllm_lora_rank(s.max_rank)})"] = slots
+        kv -= slots
     p["  of which KV cache"] = max(kv, 0.0)
     kv_token = shape.kv_bytes_per_token()
     capacity = max(kv, 0.0) * GB / kv_token
     plan.notes.append(
         f"the KV cache holds {capacity / 1000:.0f}k tokens ({kv_token / 1000:.1f} kB per token)"
     )
-    per_rank_tokens = s.batch * s.new_tokens + (s.batch / max(1, int(s.num_generations))) * s.prompt_tokens
+    # a population samples K x prompts x G in one call; prefixes are cached per adapter, so prompts count K times
+    per_rank_tokens = s.k * (
+        s.batch * s.new_tokens + (s.batch / max(1, int(s.num_generations))) * s.prompt_tokens
+    )
+    if s.members:
+        from lightning_tina.rollout.vllm import default_max_num_seqs
+
+        seqs, max_seqs = s.k * s.batch, s.max_num_seqs or default_max_num_seqs(s.k * s.batch)
+        plan.notes.append(
+            f"one engine call samples {s.k} adapters x {s.batch} = {seqs} completions per rank, "
+            f"{per_rank_tokens / 1000:.0f}k KV-cache tokens at full length ({s.k} x a solo step's), "
+            f"max_num_seqs {max_seqs}"
+            + (f" (vLLM decodes them in waves of {max_seqs})" if seqs > max_seqs else "")
+        )
+        if s.weight_sync == "merged":
+            plan.advice.append(
+                "set rollout.vllm.weight_sync: lora (merged weights hold one adapter; a population needs one "
+                "LoRA slot per adapter)"
+            )
     if capacity < s.max_len:
         plan.advice.append(
             f"the KV cache holds {capacity:.0f} tokens, less than one rollout.vllm.max_model_len={s.max_len} "
@@ -416,6 +507,13 @@ def _vllm_phases(
             )
     training = trainer.peak + RUNTIME_GB + engines_here * asleep
     return generation, training
+
+
+def _vllm_lora_rank(r: int) -> int:
+    """The engine's max_lora_rank for a largest adapter rank `r`: rounded up to a rank vLLM accepts."""
+    from lightning_tina.rollout.vllm import _LORA_RANKS
+
+    return next((v for v in _LORA_RANKS if v >= r), r)
 
 
 def _advise(

@@ -10,6 +10,7 @@ import contextlib
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -121,9 +122,9 @@ def linear_layer_names(model: nn.Module) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
 
 
-def wrap_lora(model: nn.Module, lora: LoRASettings) -> nn.Module:
-    """Wrap `model` in a PEFT LoRA adapter; only adapter weights stay trainable."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(lora: LoRASettings, model: nn.Module) -> Any:
+    """PEFT's LoraConfig for `lora`, after checking that `model` has the layers it targets."""
+    from peft import LoraConfig
 
     available = linear_layer_names(model)
     missing = [t for t in lora.target_modules if t not in available]
@@ -132,7 +133,7 @@ def wrap_lora(model: nn.Module, lora: LoRASettings) -> nn.Module:
             f"model.lora.target_modules names {missing}, which this model does not have; "
             f"its linear layers are {sorted(available)}"
         )
-    config = LoraConfig(
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -140,7 +141,13 @@ def wrap_lora(model: nn.Module, lora: LoRASettings) -> nn.Module:
         task_type="CAUSAL_LM",
         bias="none",
     )
-    policy = get_peft_model(model, config)
+
+
+def wrap_lora(model: nn.Module, lora: LoRASettings, adapter_name: str = "default") -> nn.Module:
+    """Wrap `model` in a PEFT LoRA adapter named `adapter_name`; only adapter weights stay trainable."""
+    from peft import get_peft_model
+
+    policy = get_peft_model(model, lora_config(lora, model), adapter_name=adapter_name)
     if lora.fused:
         install_fused_lora(policy)
     return policy
@@ -172,9 +179,16 @@ def reference_mode(policy: nn.Module, frozen_copy: nn.Module | None) -> Iterator
     """Yield the reference model: the policy with its adapter disabled, or the frozen copy without LoRA."""
     if frozen_copy is not None:
         yield frozen_copy
-    else:
+        return
+    # PEFT re-enables adapters through set_adapter, which freezes every adapter but the active one: a
+    # population's other adapters must stay trainable (their optimizers and checkpoints hold them)
+    flags = [(p, p.requires_grad) for p in policy.parameters()]
+    try:
         with policy.disable_adapter():
             yield policy
+    finally:
+        for p, trainable in flags:
+            p.requires_grad_(trainable)
 
 
 def frozen_reference(model: nn.Module) -> nn.Module:

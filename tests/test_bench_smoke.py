@@ -121,3 +121,12 @@ def test_vs_trl_trl_training_part_worker(capsys):
     )
     r = _record(capsys.readouterr().out)
     assert r["tool"] == "trl-train" and r["train_tokens_per_s"] > 0
+
+
+def test_population_generate_compares_the_three_ways(capsys):
+    _script("population_generate").main(
+        ["--adapters", "2", "--prompts", "2", "--generations", "2", "--max-new-tokens", "8", "--repeats", "1"]
+    )
+    out = capsys.readouterr().out
+    for way in ("solo (one adapter)", "routed", "peft", "per_adapter"):
+        assert any(line.startswith(way) for line in out.splitlines()), out

@@ -21,10 +21,37 @@ def _print_config(*args: str) -> dict:
     return yaml.safe_load(out.getvalue())
 
 
+def test_fit_configs_cover_every_folder():
+    """configs/population/ and the Tina population recipes are parsed below like every other fit config."""
+    folders = {p.parent.name for p in FIT_CONFIGS}
+    assert {"configs", "tina", "options", "population"} <= folders
+    names = {p.relative_to(ROOT / "configs").as_posix() for p in FIT_CONFIGS}
+    assert {
+        "population/tiny_lr.yaml",
+        "tina/limr_rank_population.yaml",
+        "tina/limr_lr_population.yaml",
+    } <= names
+
+
 @pytest.mark.parametrize("config", FIT_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_fit_config_parses(config):
     cfg = _print_config("--config", str(config))
     assert cfg["model"]["grpo"]["batch_size"] % cfg["model"]["grpo"]["num_generations"] == 0
+    population = cfg["model"].get("population")
+    if population:  # each member's overrides resolve against the shared sections, as the module does
+        from lightning_tina.optim import OptimSettings
+        from lightning_tina.policy import LoRASettings
+        from lightning_tina.population import AdapterSettings, resolve_population
+
+        optim = dict(cfg["model"]["optim"], betas=tuple(cfg["model"]["optim"]["betas"]))
+        members = resolve_population(
+            [AdapterSettings(**m) for m in population],
+            LoRASettings(**cfg["model"]["lora"]),
+            OptimSettings(**optim),
+        )
+        assert [m.name for m in members] == [m["name"] for m in population]
+        assert not cfg["model"]["grpo"].get("dynamic_sampling")  # refused with two or more adapters
+        assert cfg["rollout"]["engine"] != "vllm" or cfg["rollout"]["vllm"]["weight_sync"] != "merged"
 
 
 def test_overrides_and_links():

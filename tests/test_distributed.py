@@ -44,6 +44,7 @@ def _config(
     engine: str = "hf",
     micro_batch_tokens: int | None = None,
     dynamic: bool = False,
+    population: list[dict[str, Any]] | None = None,
 ) -> Path:
     """The embedded default (configs/tiny.yaml), shrunk: 2 steps, 2 prompts x 4 completions per rank, 64 tokens.
 
@@ -100,6 +101,8 @@ def _config(
     cfg["model"]["rewards"].append(
         {"name": "cosine", "weight": 1.0, "kwargs": {"max_len": 2 * MAX_NEW_TOKENS}}
     )
+    if population is not None:
+        cfg["model"]["population"] = population
     if dynamic:  # dynamic sampling on a reward that is often equal within a group (format): refills, the cap
         cfg["model"]["grpo"].update(dynamic_sampling=True, max_refill_rounds=2)
         cfg["model"]["rewards"] = [{"name": "format", "weight": 1.0}]
@@ -130,12 +133,12 @@ class _Recorder:
         source = rollout.source  # the RolloutSource the callback connects to the module
         rollouts, generate = source.rollouts, source.generate
 
-        def recording_rollouts(batch, policy):
+        def recording_rollouts(batch, policy, *adapters):  # a population also names each prompt's adapter
             recorder.steps.append({"prompt_ids": batch.prompt_ids, "rows": batch.rows})
-            return rollouts(batch, policy)
+            return rollouts(batch, policy, *adapters)
 
-        def recording_generate(prompt_ids, n, sampling, policy):
-            gens = generate(prompt_ids, n, sampling, policy)
+        def recording_generate(prompt_ids, n, sampling, policy, *adapters):
+            gens = generate(prompt_ids, n, sampling, policy, *adapters)
             recorder.steps[-1]["generations"] = [tuple(g) for g in gens]
             return gens
 
@@ -170,7 +173,8 @@ class _Recorder:
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
                 metrics = trainer.callback_metrics
-                recorder.steps[-1]["loss"] = float(metrics["train/loss"])
+                loss = "train/loss" if "train/loss" in metrics else f"train/loss/{POPULATION[0]['name']}"
+                recorder.steps[-1]["loss"] = float(metrics[loss])
                 if "engine/logprob_diff_mean" in metrics:  # vLLM: engine vs trainer log-probs
                     recorder.steps[-1]["engine_gap"] = float(metrics["engine/logprob_diff_mean"])
                 recorder.steps[-1]["adapter"] = _adapter(pl_module)
@@ -206,7 +210,8 @@ def _worker(out: Path, strategy: str, mode: str = "") -> None:
     pre-emption would); "resume": continue that run for its last step from out/ckpt/last.ckpt (results go to
     resumed_rank<r>.pt); "straight": the STEPS + 1 steps without a break; "vllm": a vLLM engine per rank;
     "packed": packed passes of at most PACKED_TOKENS tokens (ranks may run different numbers of passes);
-    "dynamic": model.grpo.dynamic_sampling on a format-only reward (tests/test_rl_options.py).
+    "dynamic": model.grpo.dynamic_sampling on a format-only reward (tests/test_rl_options.py); "population": a
+    population of two adapters (POPULATION).
     """
     from lightning_tina.__main__ import cli_main
     from lightning_tina.policy import whole  # gathers FSDP2 shards (every rank, same order)
@@ -226,6 +231,7 @@ def _worker(out: Path, strategy: str, mode: str = "") -> None:
         engine="vllm" if mode == "vllm" else "hf",
         micro_batch_tokens=PACKED_TOKENS if mode == "packed" else None,
         dynamic=mode == "dynamic",
+        population=POPULATION if mode == "population" else None,
     )
     cli = cli_main(["--config", str(config)], run=False)
     recorder = _Recorder()
@@ -419,6 +425,28 @@ def test_ranks_roll_out_different_prompts(ddp_run):
     ranks, _ = ddp_run
     for s in range(STEPS):
         assert ranks[0]["steps"][s]["prompt_ids"] != ranks[1]["steps"][s]["prompt_ids"], s
+
+
+POPULATION = [{"name": "slow", "optim": {"lr": 1.0e-3}}, {"name": "wide", "lora": {"r": 8, "alpha": 16}}]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_population_keeps_every_adapter_identical_across_ranks(tmp_path, strategy):
+    """Each adapter of a population trains on both ranks' rows: DDP (the module averages each adapter's gradients
+    itself, since every backward reaches one adapter only) and FSDP2 keep the ranks' adapters identical."""
+    ranks = _launch(tmp_path, strategy, "population")
+    if ranks[0]["steps"][0]["prompt_ids"] == ranks[1]["steps"][0]["prompt_ids"]:
+        pytest.fail("the ranks saw the same prompts, so unsynchronized gradients could not show")
+    first, last = ranks[0]["initial_adapter"], ranks[0]["steps"][-1]["adapter"]
+    for adapter in ("slow", "wide"):
+        names = [n for n in last if f".{adapter}." in n]
+        assert names and any(not torch.equal(first[n], last[n]) for n in names), adapter  # it trained
+    for s in range(STEPS):
+        a, b = ranks[0]["steps"][s]["adapter"], ranks[1]["steps"][s]["adapter"]
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
 
 
 @pytest.mark.slow

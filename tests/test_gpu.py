@@ -301,9 +301,41 @@ def test_two_ranks_put_one_engine_on_each_gpu(tmp_path: Path) -> None:
     assert len(set().union(*busy.values())) >= 2, busy  # and the two ranks on different GPUs
 
 
-def _vllm_fit_config(tmp_path: Path, devices: int, **trainer: Any) -> Path:
-    """configs/tiny.yaml as a 3-step bf16 fit on `devices` GPUs with the vLLM engine (no callbacks), written out."""
+def test_population_of_eight_with_the_vllm_engine(tmp_path: Path) -> None:
+    """A population of eight adapters (two ranks, four learning rates) on CUDA: one vLLM call per step serves all
+    eight as LoRAs side by side (weight_sync lora, max_loras 8), each adapter trains, and every adapter's engine
+    log-probs stay within rollout.vllm.max_logprob_diff of the trainer's."""
+    import json
+
+    why = _vllm_cuda()
+    if why:
+        pytest.skip(why)
+    from lightning_tina.__main__ import cli_main
+    from lightning_tina.rollout.vllm import check_logprob_drift
+
+    members = [
+        {"name": f"r{r}_lr{i}", "lora": {"r": r, "alpha": 2 * r}, "optim": {"lr": 1e-3 * 2**i}}
+        for r in (8, 16)
+        for i in range(4)
+    ]
+    path = _vllm_fit_config(tmp_path, devices=1, population=members)
+    cli = cli_main(["fit", "--config", str(path)])
+    assert cli.trainer.global_step == 3
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("engine/")}
+    print("JSON vllm_population " + json.dumps(metrics))
+    for m in members:
+        check_logprob_drift(metrics[f"engine/logprob_diff_mean/{m['name']}"], 0.1)
+    assert cli.model.policy_version == 3 * len(members)
+
+
+def _vllm_fit_config(
+    tmp_path: Path, devices: int, population: list[dict] | None = None, **trainer: Any
+) -> Path:
+    """configs/tiny.yaml as a 3-step bf16 fit on `devices` GPUs with the vLLM engine (no callbacks), written out;
+    with `population`, as a population of those members."""
     cfg = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    if population is not None:
+        cfg["model"]["population"] = population
     cfg["trainer"].update(accelerator="gpu", devices=devices, precision="bf16-mixed", max_steps=3, **trainer)
     cfg["trainer"].update(default_root_dir=str(tmp_path), callbacks=[])
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)

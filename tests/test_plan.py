@@ -12,7 +12,12 @@ import torch
 from lightning_tina import plan as planner
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in (ROOT / "configs" / "tina").glob("*.yaml") if p.name != "base.yaml")
+RECIPES = sorted(
+    p
+    for p in (ROOT / "configs" / "tina").glob("*.yaml")
+    if p.name != "base.yaml" and not p.stem.endswith("_population")
+)
+POPULATIONS = sorted((ROOT / "configs" / "tina").glob("*_population.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +135,64 @@ def test_the_cli_runs_the_check_before_fit(monkeypatch: pytest.MonkeyPatch) -> N
     fake = types.SimpleNamespace(config={"fit": {}}, trainer="trainer")
     TinaCLI.before_fit(fake)  # type: ignore[arg-type]
     assert seen == [({"fit": {}}, "trainer")]
+
+
+@pytest.fixture(scope="module")
+def populations() -> dict[str, dict]:
+    return {p.stem: planner.parse_recipe(str(p)) for p in POPULATIONS}
+
+
+def test_population_recipes_plan_k_adapters_and_k_times_the_generation(
+    parsed: dict[str, dict], populations: dict[str, dict], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A population holds K adapters with their optimizer states (each sized by its own rank) and K LoRA slots in
+    the engine, samples K x the completions in one call, and trains one adapter's rows at a time."""
+    assert set(populations) == {"limr_rank_population", "limr_lr_population"}
+    solo = planner.plan_for(parsed["limr"], 48.0, "limr")
+    rank = planner.plan_for(populations["limr_rank_population"], 48.0, "limr_rank_population")
+    assert rank.fits and planner.plan_for(populations["limr_lr_population"], 48.0).fits
+    assert rank.generation_gb > solo.generation_gb
+    # per adapter: weights, gradients, AdamW (and the DDP bucket) grow in proportion to the rank
+    ranks = {4: "rank_4", 8: "rank_8", 16: "rank_16", 32: "rank_32", 128: "rank_128"}
+    terms = {r: rank.parts[f"  adapter {name} (r={r})"] for r, name in ranks.items()}
+    assert list(terms.values()) == sorted(terms.values())
+    for r, term in terms.items():
+        assert term == pytest.approx(solo.parts["adapter + grads + AdamW"] * r / 32)
+    assert rank.parts["adapters + grads + AdamW (5 adapters)"] == pytest.approx(sum(terms.values()))
+    # the engine: five LoRA slots of the largest rank (bf16), taken from the KV cache of the same share
+    per_rank_unit = 28 * ((1536 + 1536) * 2 + (1536 + 256) * 2 + 3 * (1536 + 8960))
+    slots = rank.parts["  of which LoRA slots (5 x r=128)"]
+    assert slots == pytest.approx(5 * 128 * per_rank_unit * 2 / 1e9)
+    assert rank.parts["  of which KV cache"] == pytest.approx(solo.parts["  of which KV cache"] - slots)
+    assert rank.parts["vLLM share (utilization x card)"] == solo.parts["vLLM share (utilization x card)"]
+    resident = rank.parts["base weights"] + sum(terms.values())
+    assert rank.generation_gb == pytest.approx(resident + planner.RUNTIME_GB + 0.4 * 48)
+    # training: one adapter's micro-batch at a time, as the solo run
+    for key in ("activations, checkpointing on", "log-prob chunk"):
+        assert rank.parts[key] == solo.parts[key]
+    assert rank.training_gb - solo.training_gb == pytest.approx(
+        sum(terms.values()) - solo.parts["adapter + grads + AdamW"]
+    )
+    text = "\n".join(rank.lines())
+    assert "5 adapters x 16 = 80 completions per rank" in text and "max_num_seqs 80" in text
+    assert "297k KV-cache tokens at full length (5 x a solo step's)" in text
+    assert planner.main(["--config", str(POPULATIONS[0])]) == 0
+    assert "population of" in capsys.readouterr().out
+
+
+def test_population_with_hf_generate_holds_k_times_the_kv_cache() -> None:
+    tiny = planner.parse_recipe(str(ROOT / "configs" / "tiny.yaml"))
+    population = planner.parse_recipe(str(ROOT / "configs" / "population" / "tiny_lr.yaml"))
+    solo_plan, plan = planner.plan_for(tiny, 48.0), planner.plan_for(population, 48.0)
+    assert plan.parts["HF generate KV cache (4 adapters)"] == pytest.approx(
+        4 * solo_plan.parts["HF generate KV cache"]
+    )
+    assert plan.generation_gb > solo_plan.generation_gb
+    assert plan.parts["activations, checkpointing off"] == solo_plan.parts["activations, checkpointing off"]
+
+
+def test_population_with_merged_weight_sync_is_refused(populations: dict[str, dict]) -> None:
+    cfg = populations["limr_lr_population"]
+    merged = dict(cfg, rollout=dict(cfg["rollout"], vllm=dict(cfg["rollout"]["vllm"], weight_sync="merged")))
+    with pytest.raises(ValueError, match="set rollout.vllm.weight_sync: lora"):
+        planner.check_plan(merged, 48.0)

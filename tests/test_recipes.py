@@ -204,9 +204,66 @@ def print_config(*args: str) -> dict[str, Any]:
     return yaml.safe_load(out.getvalue())
 
 
+POPULATIONS = {
+    # population recipe: (the solo recipes it gathers, member name -> solo recipe)
+    "limr_rank_population": {
+        "rank_4": "limr_tiny_rank_ablation",
+        "rank_8": "limr_small_rank_ablation",
+        "rank_16": "limr_medium_rank_ablation",
+        "rank_32": "limr",
+        "rank_128": "limr_large_rank_ablation",
+    },
+    "limr_lr_population": {
+        "lr_5e-7": "limr_small_lr_ablation",
+        "lr_1e-6": "limr",
+        "lr_5e-6": "limr_large_lr_ablation",
+    },
+}
+"""lightning_tina's own recipes beside Tina's: one population run per ablation (docs/population.md)."""
+
+
 def test_every_tina_recipe_has_a_config_and_nothing_else():
     files = {p.stem for p in RECIPES.glob("*.yaml")} - {"base"}
-    assert files == set(TINA)
+    assert files == set(TINA) | set(POPULATIONS)
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+@pytest.mark.parametrize("name", sorted(POPULATIONS))
+def test_population_recipe_gathers_the_solo_ablations(name):
+    """Each member has exactly its solo recipe's LoRA and optimizer settings; everything else is limr.yaml's except
+    the logger name and the weight sync a population needs (the decisions commented in the recipe)."""
+    raw = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+    assert list(raw)[0] == "config" and raw["config"] == "limr.yaml"
+    assert all("." in k for k in list(raw)[1:]), f"{name}.yaml: dotted keys only after `config:`"
+    cfg = print_config("--config", str(RECIPES / f"{name}.yaml"))
+    members = cfg["model"]["population"]
+    assert [m["name"] for m in members] == list(POPULATIONS[name])
+    for member in members:
+        solo = expected(POPULATIONS[name][member["name"]])
+        lora, optim = member["lora"], member["optim"]
+        assert lora.get("r", cfg["model"]["lora"]["r"]) == solo["model.lora.r"], member
+        assert lora.get("alpha", cfg["model"]["lora"]["alpha"]) == solo["model.lora.alpha"], member
+        assert optim.get("lr", cfg["model"]["optim"]["lr"]) == solo["model.optim.lr"], member
+        assert member["seed"] is None
+    limr = _flat(print_config("--config", str(RECIPES / "limr.yaml")))
+    ours = _flat(cfg)
+    decided = {
+        "trainer.logger.init_args.name": name,
+        "rollout.vllm.weight_sync": "lora",  # merged weights hold one adapter
+        "checkpoint.every_n_train_steps": 10,  # limr's save_steps; a multiple of it covers the rank ablations' 50
+    }
+    for key, value in decided.items():
+        assert ours[key] == value, key
+    differ = {k for k in set(limr) | set(ours) if limr.get(k) != ours.get(k)}
+    assert differ - {"model.population"} == set(decided) - {"checkpoint.every_n_train_steps"}
 
 
 @pytest.mark.parametrize("name", sorted(TINA))

@@ -14,8 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "data" / "tiny"
 
 
-def _config(tmp: Path, name: str, kill_at: int | None = None) -> Path:
+def _config(tmp: Path, name: str, kill_at: int | None = None, population: list | None = None) -> Path:
     cfg = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    if population is not None:
+        cfg["model"]["population"] = population
     cfg["model"]["model"] = str(TINY)
     cfg["model"]["grpo"].update(batch_size=16, micro_batch_size=8)
     cfg["model"]["lora"]["dropout"] = 0.05  # exercises the RNG of the training forward too
@@ -48,41 +50,49 @@ def _fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def _losses(tb_dir: Path) -> dict[int, float]:
+def _losses(tb_dir: Path, tag: str = "train/loss") -> dict[int, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out: dict[int, float] = {}
     for events in sorted(tb_dir.rglob("events.out.tfevents.*")):
         acc = EventAccumulator(str(events))
         acc.Reload()
-        for ev in acc.Scalars("train/loss") if "train/loss" in acc.Tags()["scalars"] else []:
+        for ev in acc.Scalars(tag) if tag in acc.Tags()["scalars"] else []:
             out[ev.step] = ev.value
     return out
 
 
+POPULATION = [{"name": "slow", "optim": {"lr": 1.0e-3}}, {"name": "wide", "lora": {"r": 8, "alpha": 16}}]
+
+
 @pytest.mark.slow
-def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
-    straight = _fit(_config(tmp_path, "straight"))
+@pytest.mark.parametrize("population", [None, POPULATION], ids=["solo", "population"])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, population):
+    straight = _fit(_config(tmp_path, "straight", population=population))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    killed = _fit(_config(tmp_path, "resumed", kill_at=3))
+    killed = _fit(_config(tmp_path, "resumed", kill_at=3, population=population))
     assert killed.returncode == -9, (killed.returncode, killed.stderr[-3000:])
     assert (tmp_path / "resumed/ckpt/last.ckpt").exists()
     assert not list((tmp_path / "resumed/ckpt").glob("*.tmp"))
 
-    resumed = _fit(_config(tmp_path, "resumed"), "--ckpt_path", "last")
+    resumed = _fit(_config(tmp_path, "resumed", population=population), "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    a = _losses(tmp_path / "tb" / "straight")
-    b = _losses(tmp_path / "tb" / "resumed")
-    assert sorted(a) == sorted(b) and len(a) == 6, (a, b)
-    for step in a:  # CPU kernels are deterministic here: bit-identical
-        assert a[step] == b[step], (step, a[step], b[step])
+    names = [m["name"] for m in population] if population else [None]
+    for name in names:  # every adapter of a population resumes exactly
+        tag = "train/loss" if name is None else f"train/loss/{name}"
+        a = _losses(tmp_path / "tb" / "straight", tag)
+        b = _losses(tmp_path / "tb" / "resumed", tag)
+        assert sorted(a) == sorted(b) and len(a) == 6, (name, a, b)
+        for step in a:  # CPU kernels are deterministic here: bit-identical
+            assert a[step] == b[step], (name, step, a[step], b[step])
 
-    wa = load_file(next((tmp_path / "straight/adapters").glob("step-*/adapter_model.safetensors")))
-    wb = load_file(next((tmp_path / "resumed/adapters").glob("step-*/adapter_model.safetensors")))
-    assert wa.keys() == wb.keys()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        folder = "step-*" if name is None else f"{name}/step-*"
+        wa = load_file(next((tmp_path / "straight/adapters").glob(f"{folder}/adapter_model.safetensors")))
+        wb = load_file(next((tmp_path / "resumed/adapters").glob(f"{folder}/adapter_model.safetensors")))
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.slow

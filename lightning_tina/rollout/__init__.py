@@ -36,8 +36,12 @@ def make_engine(
     dtype: str = "float32",
     lora_rank: int = 32,
     vllm: VLLMConfig | None = None,
+    adapters: tuple[str, ...] = (),
 ) -> RolloutEngine:
-    """Build the engine `name`; "auto" takes vLLM when it is installed and falls back to HF with a notice."""
+    """Build the engine `name`; "auto" takes vLLM when it is installed and falls back to HF with a notice.
+
+    `adapters`: a population's adapter names (`EngineSpec.adapters`, () for a solo run), served by the vLLM engine
+    (one LoRA slot each); `lora_rank` is then the largest of their ranks."""
     from lightning_tina.rollout.hf import HFEngine
 
     if name not in ("auto", "hf", "vllm"):
@@ -51,4 +55,4 @@ def make_engine(
             "rollout.engine auto: vLLM is not installed, using Hugging Face generate (install the `cpu` or `gpu` extra)"
         )
         return HFEngine(policy, tokenizer)
-    return VLLMEngine(model_name, dtype=dtype, max_lora_rank=lora_rank, config=vllm)
+    return VLLMEngine(model_name, dtype=dtype, max_lora_rank=lora_rank, config=vllm, adapters=tuple(adapters))

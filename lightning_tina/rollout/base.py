@@ -78,7 +78,10 @@ class EngineSpec:
     dtype: str
     """The trainer's weight dtype (float32, bfloat16, float16)."""
     lora_rank: int
-    """The adapter's rank, model.lora.r (vLLM's max_lora_rank)."""
+    """The largest adapter rank, model.lora.r or the largest of a population's (vLLM's max_lora_rank)."""
+    adapters: tuple[str, ...] = ()
+    """A population's adapter names (model.population), in order; () for a solo run (one unnamed adapter, or
+    none). Engines serve every one of them and `generate` picks one per prompt."""
 
 
 @runtime_checkable
@@ -96,12 +99,28 @@ class PolicyHandle(Protocol):
         ...
 
 
+Adapters = Sequence[str] | None
+"""Per prompt, the name of the population adapter that samples it (`EngineSpec.adapters`); None: the policy as it
+is (a solo run). Population callers lay prompts out adapter-major, so each adapter's prompts are one run."""
+
+
+def with_adapters(call: Any, *args: Any, adapters: Adapters = None) -> Any:
+    """`call(*args, adapters)`, or `call(*args)` without adapters: samplers, engines and sources written before
+    populations take no `adapters` argument, and a solo run passes none."""
+    return call(*args) if adapters is None else call(*args, adapters)
+
+
 @runtime_checkable
 class Sampler(Protocol):
-    """Samples `n` completions per prompt from the current policy; returns len(prompt_ids) * n, group-major."""
+    """Samples `n` completions per prompt from the current policy; returns len(prompt_ids) * n, group-major.
+    `adapters` names each prompt's population adapter (None: the policy as it is)."""
 
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        n: int,
+        sampling: SamplingConfig,
+        adapters: Adapters = None,
     ) -> list[Generation]: ...
 
 
@@ -110,17 +129,22 @@ class RolloutSource(Protocol):
     """What GRPOModule gets its completions from (training, validate/test and BenchmarkEval alike).
 
     `rollouts` gives the training rollouts of one step (G completions per prompt, padded); `generate` samples with
-    any settings (evaluation); both sample from `policy.current_policy()`. `max_new_tokens` is the training
-    completion budget (Dr. GRPO's constant normaliser).
+    any settings (evaluation); both sample from `policy.current_policy()`, prompt i through adapter `adapters[i]`
+    when given (a population). `max_new_tokens` is the training completion budget (Dr. GRPO's constant normaliser).
     """
 
     @property
     def max_new_tokens(self) -> int: ...
 
-    def rollouts(self, batch: PromptBatch, policy: PolicyHandle) -> Rollouts: ...
+    def rollouts(self, batch: PromptBatch, policy: PolicyHandle, adapters: Adapters = None) -> Rollouts: ...
 
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig, policy: PolicyHandle
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        n: int,
+        sampling: SamplingConfig,
+        policy: PolicyHandle,
+        adapters: Adapters = None,
     ) -> list[Generation]: ...
 
 
@@ -133,6 +157,8 @@ class RolloutEngine(ABC):
     - `generate(prompt_ids, n, sampling)` returns len(prompt_ids) * n generations, group-major: prompt i's n
       completions are at indices i*n .. i*n+n-1. Prompts are token ids (chat template already applied) so that
       every engine sees the same tokens.
+    - `adapters` (a population, `EngineSpec.adapters`): prompt i is sampled through the adapter named
+      `adapters[i]`, every adapter from the weights of the last `sync`; None samples the policy as it is.
     """
 
     @abstractmethod
@@ -141,7 +167,11 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        n: int,
+        sampling: SamplingConfig,
+        adapters: Adapters = None,
     ) -> list[Generation]:
         """Sample `n` completions per prompt; returns len(prompt_ids) * n generations, group-major."""
 

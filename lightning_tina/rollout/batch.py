@@ -82,6 +82,27 @@ def take_rows(rollouts: Rollouts, rows: torch.Tensor) -> Rollouts:
     return Rollouts(**fields)
 
 
+def row_block(rollouts: Rollouts, start: int, end: int) -> Rollouts:
+    """Rows [start, end) (one population adapter's), with the completion padding that only other rows needed cut
+    off: the same tensors that `make_rollouts` builds from those rows' generations alone."""
+    c = max(1, int(rollouts.completion_mask[start:end].sum(-1).max()))
+    cut = rollouts.completion_mask.shape[1] - c  # columns of padding beyond this block's longest completion
+    width = rollouts.input_ids.shape[1] - cut
+
+    def block(t: torch.Tensor, columns: int) -> torch.Tensor:
+        return t[start:end, :columns]
+
+    return rollouts._replace(
+        input_ids=block(rollouts.input_ids, width),  # [n, P+c]
+        attention_mask=block(rollouts.attention_mask, width),  # [n, P+c]
+        completion_mask=block(rollouts.completion_mask, c),  # [n, c]
+        completions=rollouts.completions[start:end],
+        rows=rollouts.rows[start:end],
+        truncated=rollouts.truncated[start:end],  # [n]
+        engine_logprobs=None if rollouts.engine_logprobs is None else block(rollouts.engine_logprobs, c),
+    )
+
+
 def completion_token_ids(rollouts: Rollouts) -> list[list[int]]:
     """Each completion's token ids (EOS included, padding not): N lists, what `completion_mask` marks."""
     c = rollouts.completion_mask.shape[1]

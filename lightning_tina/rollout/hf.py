@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from lightning_tina.policy import is_sharded
-from lightning_tina.rollout.base import RolloutEngine, SamplingConfig
+from lightning_tina.population import activate, adapter_runs, routed
+from lightning_tina.rollout.base import Adapters, RolloutEngine, SamplingConfig
 from lightning_tina.types import Generation
 
 
@@ -28,13 +29,39 @@ class HFEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        n: int,
+        sampling: SamplingConfig,
+        adapters: Adapters = None,
     ) -> list[Generation]:
+        """With `adapters` (a population), each batch of prompts runs through one adapter when its prompts share
+        one (the solo path, that adapter active), else through each row's own adapter (`population.routed`)."""
         sampling.check()
+        _check_adapters(self.model, prompt_ids, adapters)
         out: list[Generation] = []
         for start in range(0, len(prompt_ids), self.max_batch_prompts):
-            out.extend(self._generate_batch(prompt_ids[start : start + self.max_batch_prompts], n, sampling))
+            end = start + self.max_batch_prompts
+            names = adapters[start:end] if adapters is not None else None
+            out.extend(self._generate_routed(prompt_ids[start:end], n, sampling, names))
         return out
+
+    def _generate_routed(
+        self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingConfig, adapters: Adapters
+    ) -> list[Generation]:
+        if adapters is None:
+            return self._generate_batch(prompts, n, sampling)
+        runs = adapter_runs(adapters)
+        previous = self.model.active_adapter
+        try:
+            if len(runs) == 1:
+                activate(self.model, runs[0][0])
+                return self._generate_batch(prompts, n, sampling)
+            # generate expands prompt i to rows i*n .. i*n+n-1
+            with routed(self.model, [(a, s * n, e * n) for a, s, e in runs]):
+                return self._generate_batch(prompts, n, sampling)
+        finally:
+            activate(self.model, previous)
 
     def _generate_batch(
         self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingConfig
@@ -91,6 +118,17 @@ class HFEngine(RolloutEngine):
         # without stop strings every token up to max_new_tokens was sampled, a sampled pad id included
         stopped = bool(sampling.stop) and len(tokens) < sampling.max_new_tokens
         return Generation(token_ids=tokens, logprobs=None, finish_reason="stop" if stopped else "length")
+
+
+def _check_adapters(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], adapters: Adapters) -> None:
+    if adapters is None:
+        return
+    if len(adapters) != len(prompt_ids):
+        raise ValueError(f"generate: {len(adapters)} adapter names for {len(prompt_ids)} prompts")
+    known = set(getattr(model, "peft_config", {}))
+    unknown = sorted(set(adapters) - known)
+    if unknown:
+        raise ValueError(f"generate: adapters {unknown} are not in the policy (it has {sorted(known)})")
 
 
 def needs_synced_gpus(model: torch.nn.Module) -> bool:

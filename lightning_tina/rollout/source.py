@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from lightning_tina.rollout import EngineName, RolloutEngine, VLLMConfig, make_engine
-from lightning_tina.rollout.base import PolicyHandle, SamplingConfig
+from lightning_tina.rollout.base import Adapters, PolicyHandle, SamplingConfig, with_adapters
 from lightning_tina.rollout.batch import make_rollouts
 from lightning_tina.types import Generation, PromptBatch, Rollouts
 
@@ -72,6 +72,7 @@ class EngineRollouts:
                 dtype=spec.dtype,
                 lora_rank=spec.lora_rank,
                 vllm=self.vllm,
+                adapters=spec.adapters,
             )
         if self.synced_version != version:
             t0 = time.perf_counter()
@@ -81,16 +82,23 @@ class EngineRollouts:
         return self.engine
 
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig, policy: PolicyHandle
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        n: int,
+        sampling: SamplingConfig,
+        policy: PolicyHandle,
+        adapters: Adapters = None,
     ) -> list[Generation]:
-        """n completions per prompt from the current policy (group-major)."""
+        """n completions per prompt from the current policy (group-major), prompt i through adapter adapters[i]."""
         with generation_memory_advice(len(prompt_ids), n, sampling.max_new_tokens):
-            return self.current_engine(policy).generate(prompt_ids, n, sampling)
+            engine = self.current_engine(policy)
+            return with_adapters(engine.generate, prompt_ids, n, sampling, adapters=adapters)
 
-    def rollouts(self, batch: PromptBatch, policy: PolicyHandle) -> Rollouts:
+    def rollouts(self, batch: PromptBatch, policy: PolicyHandle, adapters: Adapters = None) -> Rollouts:
         """The training rollouts of one step: G completions for each prompt of the batch, padded."""
         t0 = time.perf_counter()
-        gens = self.generate(batch.prompt_ids, self.group_size, self.sampling, policy)
+        args = (batch.prompt_ids, self.group_size, self.sampling, policy)
+        gens = with_adapters(self.generate, *args, adapters=adapters)
         dt = time.perf_counter() - t0
         self.perf["perf/rollout_tokens_per_s"] = sum(len(g.token_ids) for g in gens) / max(dt, 1e-9)
         return make_rollouts(batch, gens, self.group_size, policy.tokenizer)
@@ -107,7 +115,8 @@ class ReplayRollouts:
     """A RolloutSource of fixed completions: step i gets `steps[i % len(steps)]`, whatever the batch and policy.
 
     Each entry is either the `Rollouts` of one step or its generations (group-major, `group_size` per prompt),
-    turned into Rollouts with the batch's prompts. `generate` (evaluation) replays `eval_generations` in order when
+    turned into Rollouts with the batch's prompts (a population's batch holds every adapter's prompts, adapter-major;
+    the adapter names are not needed to replay). `generate` (evaluation) replays `eval_generations` in order when
     given, and refuses otherwise.
     """
 
@@ -130,7 +139,7 @@ class ReplayRollouts:
     def max_new_tokens(self) -> int:
         return self._max_new_tokens
 
-    def rollouts(self, batch: PromptBatch, policy: PolicyHandle) -> Rollouts:
+    def rollouts(self, batch: PromptBatch, policy: PolicyHandle, adapters: Adapters = None) -> Rollouts:
         step = self.steps[self.calls % len(self.steps)]
         self.calls += 1
         if isinstance(step, Rollouts):
@@ -138,7 +147,12 @@ class ReplayRollouts:
         return make_rollouts(batch, list(step), self.group_size, policy.tokenizer)
 
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig, policy: PolicyHandle
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        n: int,
+        sampling: SamplingConfig,
+        policy: PolicyHandle,
+        adapters: Adapters = None,
     ) -> list[Generation]:
         if self.eval_generations is None:
             raise RuntimeError("this ReplayRollouts has no eval_generations to replay for evaluation")

@@ -6,6 +6,11 @@ snapshots what vLLM needs and the next `generate` loads it (see rollout/vllm_syn
 into the linear weights, loaded in place into an engine started without LoRA (faster generation on CPU). A policy
 that is not a PEFT model (full fine-tuning) is always pushed with vLLM's in-place weight reload.
 
+Populations (`adapters`, several named LoRA adapters of one PEFT model on one frozen base): the engine starts with
+one LoRA slot per adapter, every `sync` snapshots each adapter under a fresh adapter id, and one `generate` call
+samples prompt i through adapter `adapters[i]` (one LoRARequest per prompt, vLLM's multi-LoRA batching). A population
+of more than one adapter is always served as LoRA ("merged" cannot hold several adapters).
+
 Log-probs: by default vLLM runs with `logprobs_mode="processed_logprobs"`, i.e. log_softmax(filter(logits / T))
 where filter is top-k/top-p/min-p. With those filters off (Tina's setting) this equals the trainer's
 log_softmax(logits / T) of the sampled token; with a filter on, it is the log-prob under the truncated distribution
@@ -30,7 +35,7 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_tina.rollout.base import RolloutEngine, SamplingConfig
+from lightning_tina.rollout.base import Adapters, RolloutEngine, SamplingConfig
 from lightning_tina.rollout.vllm_sync import WeightSync
 from lightning_tina.rollout.vllm_worker import install_cpu_rms_norm, install_cpu_single_lora_fast_path
 from lightning_tina.types import Generation
@@ -89,7 +94,8 @@ class VLLMConfig:
     """Seed of the engine's own RNG (only for requests without a seed; this engine seeds every request)."""
     cpu_lora_fast_path: bool = True
     """CPU only: replace vLLM's per-token LoRA gather with one matmul when a batch uses a single adapter (about 6x
-    faster generation for the tiny model; see rollout/vllm_worker.py and bench/README_rollout.md)."""
+    faster generation for the tiny model; see rollout/vllm_worker.py and bench/README_rollout.md), and with one
+    matmul per adapter when a batch mixes a population's adapters."""
     cpu_compiled_norm: bool = True
     """CPU only, one in-process engine (tensor_parallel_size 1): run RMSNorm with the compiled kernels of vLLM's CPU
     build instead of its native torch version (4x faster per call, 4-7% faster bf16 generation of the 18M bench
@@ -104,8 +110,9 @@ class VLLMConfig:
     but faster generation, with no LoRA ops per token; what Tina's trainer (TRL 0.15.2) did, so the Tina recipes set
     it (the merged weights are rounded to the engine's dtype, so tiny adapter updates can vanish in bf16 rollouts, as
     in Tina's). "auto": "merged" on CPU, "lora" on GPU (adapter-only sync, the smallest transfer) or with
-    tensor_parallel_size > 1. Full fine-tuning (a policy that is not a PEFT model) always reloads
-    the full weights. Timings: bench/README_rollout.md."""
+    tensor_parallel_size > 1, and always "lora" for a population of two or more adapters (model.population;
+    "merged" is refused there). Full fine-tuning (a policy that is not a PEFT model) always reloads the full
+    weights. Timings: bench/README_rollout.md."""
     engine_logprobs: Literal["processed", "raw"] = "processed"
     """Which log-prob of each sampled token the engine reports (compared with the trainer's as
     engine/logprob_diff_*, and the denominator of model.grpo.tis_cap): "processed", after temperature and the
@@ -194,6 +201,11 @@ class VLLMEngine(RolloutEngine):
             16, 32, ...).
         config: engine settings.
         tokenizer: tokenizer path or id when it differs from `model`.
+        adapters: a population's adapter names (`EngineSpec.adapters`); () for a solo run. With two or more, the
+            engine holds one LoRA slot per adapter (max_loras = max_cpu_loras = their number), `weight_sync`
+            "auto" resolves to "lora" and "merged" is refused, `sync` snapshots every named adapter and `generate`
+            needs `adapters` (one name per prompt). A population of one keeps the solo resolution ("merged"
+            allowed on CPU) and serves that adapter by name; `generate` still needs its name for every prompt.
     """
 
     def __init__(
@@ -203,6 +215,7 @@ class VLLMEngine(RolloutEngine):
         max_lora_rank: int = 32,
         config: VLLMConfig | None = None,
         tokenizer: str | None = None,
+        adapters: tuple[str, ...] = (),
     ) -> None:
         self.config = config or VLLMConfig()
         cfg = self.config
@@ -220,11 +233,25 @@ class VLLMEngine(RolloutEngine):
         self.on_gpu = torch.cuda.is_available()
         self.dtype = dtype if dtype != "auto" else ("bfloat16" if self.on_gpu else "float32")
         self.max_lora_rank = allowed[0]
-        merged_first = not self.on_gpu and cfg.tensor_parallel_size == 1
+        self.adapters = tuple(adapters)
+        """The population's adapter names (() for a solo run)."""
+        if len(set(self.adapters)) != len(self.adapters) or not all(
+            isinstance(a, str) and a for a in self.adapters
+        ):
+            raise ValueError(
+                f"VLLMEngine adapters={list(self.adapters)}: names must be distinct, non-empty strings."
+            )
+        population = len(self.adapters) > 1
+        if population and cfg.weight_sync == "merged":
+            raise ValueError(
+                f"rollout.vllm.weight_sync='merged' cannot serve a population of {len(self.adapters)} adapters "
+                "(one merged weight set holds one adapter); use rollout.vllm.weight_sync: lora (or auto)."
+            )
+        merged_first = not self.on_gpu and cfg.tensor_parallel_size == 1 and not population
         self.weight_sync = (
             cfg.weight_sync if cfg.weight_sync != "auto" else ("merged" if merged_first else "lora")
         )
-        """The resolved VLLMConfig.weight_sync: "lora" or "merged"."""
+        """The resolved VLLMConfig.weight_sync: "lora" or "merged" (always "lora" for 2+ adapters)."""
         self.sleep_mode = self.on_gpu if cfg.enable_sleep_mode is None else cfg.enable_sleep_mode
         if self.sleep_mode and not self.on_gpu:
             raise ValueError(
@@ -241,7 +268,12 @@ class VLLMEngine(RolloutEngine):
         if transport == "auto":
             transport = "tensors" if cfg.tensor_parallel_size == 1 else "files"
         self._weights = WeightSync(
-            self.weight_sync, transport, self.max_lora_rank, getattr(torch, self.dtype), cfg.adapter_dir
+            self.weight_sync,
+            transport,
+            self.max_lora_rank,
+            getattr(torch, self.dtype),
+            cfg.adapter_dir,
+            adapters=self.adapters,
         )
         self._asleep = False
         self.wake_memory: list[dict[str, float]] = []
@@ -253,22 +285,32 @@ class VLLMEngine(RolloutEngine):
     def sync(self, policy: torch.nn.Module, version: int) -> None:
         """Snapshot the adapter of `policy` (merged into its weights with weight_sync="merged"), or its full
         weights when it is not a PEFT model, for the next `generate`; later optimizer steps do not change what
-        was snapshotted."""
+        was snapshotted. A population engine snapshots every adapter in `adapters`, by name (the policy must hold
+        them all); a solo engine the policy's one active adapter."""
         from peft import PeftModel
 
+        with _autocast_off():  # the merge W + s * B @ A is float32 even inside Lightning's bf16 autocast
+            self._weights.snapshot(policy)  # refuses a population policy that lacks an adapter, first
         if not isinstance(policy, PeftModel) and self._llm is None:
             self._lora_enabled = False  # full fine-tuning: no LoRA machinery (it slows generation)
-        with _autocast_off():  # the merge W + s * B @ A is float32 even inside Lightning's bf16 autocast
-            self._weights.snapshot(policy)
         self.version = version
 
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        n: int,
+        sampling: SamplingConfig,
+        adapters: Adapters = None,
     ) -> list[Generation]:
-        """Sample `n` completions per prompt from the last synced weights; group-major output."""
+        """Sample `n` completions per prompt from the last synced weights; group-major output.
+
+        `adapters`: a population engine's adapter name for each prompt (required there; every name one of the
+        engine's `adapters`); a solo engine takes None. All prompts go to vLLM in one call, each with its
+        adapter's LoRARequest."""
         if n < 1:
             raise ValueError(f"generate: n={n}; the number of generations per prompt must be at least 1.")
         sampling.check()
+        self._check_adapters(prompt_ids, adapters)
         if not prompt_ids:
             return []
         llm = self._engine(len(prompt_ids) * n)
@@ -284,12 +326,49 @@ class VLLMEngine(RolloutEngine):
                 self._wake()  # weights and adapters are written into memory that sleep releases
                 self._weights.push(llm, self._lora_enabled)
                 outputs = llm.generate(
-                    prompts, params, lora_request=self._weights.lora_request, use_tqdm=False
+                    prompts, params, lora_request=self._lora_requests(adapters), use_tqdm=False
                 )
                 self._sleep()
         finally:
             _set_rng_state(rng)
         return _generations(outputs)
+
+    def _check_adapters(self, prompt_ids: Sequence[Sequence[int]], adapters: Adapters) -> None:
+        """Refuse, before anything starts, adapters that do not fit the prompts or the engine."""
+        if adapters is None:
+            if self.adapters:
+                raise ValueError(
+                    f"generate: this engine serves the population {list(self.adapters)}; pass adapters (one name "
+                    "per prompt)."
+                )
+            return
+        if not self.adapters:
+            raise ValueError(
+                "generate: adapters were given but this engine serves one policy (a solo run, no "
+                "EngineSpec.adapters); pass adapters=None."
+            )
+        if isinstance(adapters, str) or len(adapters) != len(prompt_ids):
+            raise ValueError(
+                f"generate: {len(prompt_ids)} prompts but adapters has "
+                f"{'a single string' if isinstance(adapters, str) else len(adapters)}; name one adapter per prompt."
+            )
+        unknown = sorted({a for a in adapters if a not in self.adapters}, key=str)
+        if unknown:
+            raise ValueError(
+                f"generate: unknown adapters {unknown} in adapters; this engine serves {list(self.adapters)}."
+            )
+
+    def _lora_requests(self, adapters: Adapters) -> Any:
+        """What vLLM's `lora_request` gets: the one served adapter's request (None: plain or merged weights) for a
+        solo run and a population of one, else one LoRARequest per prompt."""
+        if len(self.adapters) <= 1:
+            return self._weights.lora_request
+        served = self._weights.lora_requests
+        if not served:
+            raise RuntimeError(
+                "generate: the population's adapters were never synced; call sync(policy, version) first."
+            )
+        return [served[a] for a in adapters]
 
     def _sampling_params(self, sampling: SamplingConfig, n: int, num_prompts: int) -> list[Any]:
         """One vLLM SamplingParams per prompt, each with its own seed so that every completion is reproducible."""
@@ -399,8 +478,11 @@ class VLLMEngine(RolloutEngine):
             enforce_eager=(not self.on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
         )
         if self._lora_enabled:
-            # One live adapter at a time: the current policy.
-            kwargs.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=1, max_cpu_loras=1)
+            # One live adapter per population member (one for a solo run: the current policy).
+            slots = max(1, len(self.adapters))
+            kwargs.update(
+                enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=slots, max_cpu_loras=slots
+            )
         if self.on_gpu:
             kwargs.update(
                 gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=self.sleep_mode
@@ -493,7 +575,7 @@ class VLLMEngine(RolloutEngine):
             self._asleep = True
 
     def served_adapter_ids(self) -> set[int]:
-        """The adapter ids vLLM holds now (one after a "lora" sync: old versions are released)."""
+        """The adapter ids vLLM holds now (one per adapter after a "lora" sync: old versions are released)."""
         if self._llm is None or not self._lora_enabled:
             return set()
         return set(self._llm.llm_engine.list_loras())

@@ -5,7 +5,9 @@ steps cannot change it; `WeightSync.push(llm)` runs at the start of the next `ge
 
 - "lora": the adapter alone (a few MB) is served through a `LoRARequest` with a NEW `lora_int_id` and name every
   version. vLLM silently keeps serving an adapter whose id it has seen, and its prefix cache is keyed by the
-  adapter's name and path, so reusing either would sample from a stale policy.
+  adapter's name and path, so reusing either would sample from a stale policy. A population (`adapters`, several
+  named adapters of one PEFT model) is the same thing K times: every version snapshots each named adapter and
+  serves it under its own fresh id; a solo run is the one-entry case (the policy's active adapter).
 - "merged": the adapter is merged into full weights, W' = W + s * B @ A (s = PEFT's per-module `scaling`, i.e.
   lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA), in float32 from the policy's own tensors (the policy is
   not modified), and loaded in place into the engine's model, which runs without any LoRA machinery.
@@ -57,6 +59,8 @@ class WeightSync:
         max_lora_rank: the engine's largest servable rank ("lora" only).
         dtype: the engine's dtype; merged weights are rounded to it once, after the float32 merge.
         adapter_dir: where "files" writes adapters (None: /dev/shm when writable, else the temp folder).
+        adapters: a population's adapter names (`EngineSpec.adapters`): every `snapshot` copies each of them by
+            name. () (a solo run): the policy's one active adapter. "merged" takes at most one name.
     """
 
     method: WeightSyncMethod
@@ -64,13 +68,32 @@ class WeightSync:
     max_lora_rank: int
     dtype: torch.dtype
     adapter_dir: str | None = None
-    lora_request: Any = field(default=None, init=False)
-    """The LoRARequest that `generate` passes (None when the engine serves plain weights)."""
-    # ("files", folder), ("tensors", (tensors, config)), ("weights", [(hf_name, tensor)]) (all of them) or
-    # ("merged", [(hf_name, tensor)]) (the blocks with LoRA targets)
+    adapters: tuple[str, ...] = ()
+    lora_requests: dict[str, Any] = field(default_factory=dict, init=False)
+    """The served LoRARequest of each adapter, by PEFT adapter name (empty when the engine serves plain weights);
+    a solo run has one entry, its active adapter."""
+    # ("files", {adapter: folder}), ("tensors", {adapter: (tensors, config)}), ("weights", [(hf_name, tensor)])
+    # (all of them) or ("merged", [(hf_name, tensor)]) (the blocks with LoRA targets)
     _pending: tuple[str, Any] | None = field(default=None, init=False)
-    _lora_id: int = field(default=0, init=False)  # a fresh vLLM adapter id for every version
+    _lora_id: int = field(default=0, init=False)  # a fresh vLLM adapter id for every adapter of every version
     _adapter_root: Path | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.method == "merged" and len(self.adapters) > 1:
+            raise ValueError(
+                f"rollout.vllm.weight_sync='merged' cannot serve a population of {len(self.adapters)} adapters "
+                "(one merged weight set holds one adapter); use weight_sync: lora."
+            )
+
+    @property
+    def lora_request(self) -> Any:
+        """The LoRARequest of the only served adapter (None when plain or merged weights are served); a solo
+        run's, or a population of one's. Several adapters are served by name (`lora_requests`)."""
+        if len(self.lora_requests) > 1:
+            raise RuntimeError(
+                f"the engine serves {len(self.lora_requests)} adapters; name one per prompt (generate's adapters)."
+            )
+        return next(iter(self.lora_requests.values()), None)
 
     def snapshot(self, policy: torch.nn.Module) -> None:
         """Copy what the next `push` loads; a snapshot that was never pushed is dropped."""
@@ -78,17 +101,38 @@ class WeightSync:
 
         self.drop_pending()
         if not isinstance(policy, PeftModel):
+            if self.adapters:
+                raise ValueError(
+                    f"sync: the engine serves the population adapters {list(self.adapters)} but the policy is a "
+                    f"{type(policy).__name__}, not a PEFT model holding them."
+                )
             # [name -> tensor] copies on CPU so the trainer's next step cannot change them before generate
             weights = [(k, whole(v).detach().to("cpu", copy=True)) for k, v in policy.state_dict().items()]
             self._pending = ("weights", weights)
             return
-        name = _active_adapter(policy)
-        cfg = policy.peft_config[name]
-        check_lora_config(cfg, self.max_lora_rank if self.method == "lora" else None)
+        names = self.adapters or (_active_adapter(policy),)
+        missing = [n for n in names if n not in policy.peft_config]
+        if missing:
+            raise ValueError(
+                f"sync: the policy has no adapter named {missing}; it holds {sorted(policy.peft_config)}."
+            )
+        for name in names:
+            check_lora_config(
+                policy.peft_config[name],
+                self.max_lora_rank if self.method == "lora" else None,
+                name if self.adapters else None,
+            )
         if self.method == "merged":
-            self._pending = ("merged", merged_lora_weights(policy, name, self.dtype))
+            self._pending = ("merged", merged_lora_weights(policy, names[0], self.dtype))
         else:
-            self._pending = self._snapshot_adapter(policy, name, cfg)
+            payload: dict[str, Any] = {}
+            self._pending = (self.transport, payload)  # filled below; a failure drops (deletes) what was made
+            try:
+                for name in names:
+                    payload[name] = self._snapshot_adapter(policy, name, policy.peft_config[name])
+            except BaseException:
+                self.drop_pending()
+                raise
 
     def push(self, llm: Any, lora_enabled: bool) -> None:
         """Load the pending snapshot into `llm` (an awake in-process `vllm.LLM`) and release the old version."""
@@ -97,7 +141,8 @@ class WeightSync:
         kind, payload = self._pending
         if kind in ("weights", "merged"):
             load_weights_in_place(llm, payload, partial=kind == "merged")
-            self._pending = self.lora_request = None  # the reload also dropped any adapter
+            self._pending = None
+            self.lora_requests = {}  # the reload also dropped any adapter
             return
         if not lora_enabled:
             raise RuntimeError(
@@ -106,27 +151,33 @@ class WeightSync:
             )
         from vllm.lora.request import LoRARequest
 
-        old = self.lora_request
-        self._lora_id += 1
-        name = f"policy-{self._lora_id}"  # a new name too: the prefix cache is keyed by name and path
-        if kind == "tensors":
-            tensors, cfg = payload
-            llm.collective_rpc(add_lora_from_tensors, args=(self._lora_id, tensors, cfg))
-            self.lora_request = LoRARequest(name, self._lora_id, f"in-memory://{name}")
-        else:
-            self.lora_request = LoRARequest(name, self._lora_id, payload)
-            llm.llm_engine.add_lora(self.lora_request)
-        if old is not None:
-            llm.llm_engine.remove_lora(old.lora_int_id)  # usually already evicted (max_cpu_loras=1)
-            if not old.lora_path.startswith("in-memory://"):
-                shutil.rmtree(old.lora_path, ignore_errors=True)
-        reset_prefix_cache(llm)  # blocks computed under the old adapter are useless now
+        old = list(self.lora_requests.values())
+        served: dict[str, Any] = {}
+        for adapter, item in payload.items():
+            self._lora_id += 1
+            # A new name too: the prefix cache is keyed by name and path. "policy-<id>" for a solo run.
+            name = f"{adapter if self.adapters else 'policy'}-{self._lora_id}"
+            if kind == "tensors":
+                tensors, cfg = item
+                llm.collective_rpc(add_lora_from_tensors, args=(self._lora_id, tensors, cfg))
+                served[adapter] = LoRARequest(name, self._lora_id, f"in-memory://{name}")
+            else:
+                served[adapter] = LoRARequest(name, self._lora_id, item)
+                llm.llm_engine.add_lora(served[adapter])
+        self.lora_requests = served
+        for request in old:
+            # usually already evicted: vLLM keeps max_cpu_loras (the number of adapters) and the new ones came last
+            llm.llm_engine.remove_lora(request.lora_int_id)
+            if not request.lora_path.startswith("in-memory://"):
+                shutil.rmtree(request.lora_path, ignore_errors=True)
+        reset_prefix_cache(llm)  # blocks computed under the old adapters are useless now
         self._pending = None
 
     def drop_pending(self) -> None:
         """Forget a snapshot that was never pushed (and delete its files)."""
         if self._pending is not None and self._pending[0] == "files":
-            shutil.rmtree(self._pending[1], ignore_errors=True)
+            for path in self._pending[1].values():
+                shutil.rmtree(path, ignore_errors=True)
         self._pending = None
 
     def close(self) -> None:
@@ -141,14 +192,15 @@ class WeightSync:
         """The folder of the "files" transport's adapters (None before the first one)."""
         return self._adapter_root
 
-    def _snapshot_adapter(self, policy: Any, name: str, cfg: Any) -> tuple[str, Any]:
-        """Copy the adapter's tensors (on CPU) or save them as files, for "lora"."""
+    def _snapshot_adapter(self, policy: Any, name: str, cfg: Any) -> Any:
+        """Copy the adapter `name`'s tensors (on CPU, with its config as a dict) or save them as a folder (its
+        path), for "lora"."""
         from peft import get_peft_model_state_dict
 
         # {"base_model.model.<module>.lora_A.weight": [r, in], ...lora_B.weight: [out, r]}
         state = {k: whole(v) for k, v in get_peft_model_state_dict(policy, adapter_name=name).items()}
         if self.transport == "tensors":
-            return "tensors", ({k: v.detach().to("cpu", copy=True) for k, v in state.items()}, cfg.to_dict())
+            return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}, cfg.to_dict()
         from safetensors.torch import save_file
 
         if self._adapter_root is None:
@@ -160,7 +212,7 @@ class WeightSync:
             {k: v.detach().to("cpu").contiguous() for k, v in state.items()},
             str(path / "adapter_model.safetensors"),
         )
-        return "files", str(path)
+        return str(path)
 
 
 def merged_lora_weights(policy: Any, adapter: str, dtype: torch.dtype) -> list[tuple[str, Tensor]]:
@@ -247,16 +299,18 @@ def _active_adapter(policy: Any) -> str:
     return names[0]
 
 
-def check_lora_config(cfg: Any, max_rank: int | None) -> None:
+def check_lora_config(cfg: Any, max_rank: int | None, name: str | None = None) -> None:
     """Refuse adapters vLLM would reject or that would be served differently, naming the PEFT setting to change.
 
-    `max_rank` is the engine's largest servable rank ("lora" sync), or None when the adapter is merged.
+    `max_rank` is the engine's largest servable rank ("lora" sync), or None when the adapter is merged; `name`, a
+    population adapter's name, goes into the message.
     """
     from peft import LoraConfig
 
+    label = f" {name!r}" if name else ""
     if not isinstance(cfg, LoraConfig):
         raise ValueError(
-            f"sync: the policy's adapter is a {type(cfg).__name__}; only LoRA adapters can be served."
+            f"sync: the policy's adapter{label} is a {type(cfg).__name__}; only LoRA adapters can be served."
         )
     problems = []
     rank = max([cfg.r, *(cfg.rank_pattern or {}).values()])
@@ -271,4 +325,4 @@ def check_lora_config(cfg: Any, max_rank: int | None) -> None:
             f"modules_to_save={cfg.modules_to_save} (adapter-only sync cannot carry full modules)"
         )
     if problems:
-        raise ValueError("sync: vLLM cannot serve this LoRA adapter: " + "; ".join(problems) + ".")
+        raise ValueError(f"sync: vLLM cannot serve this LoRA adapter{label}: " + "; ".join(problems) + ".")

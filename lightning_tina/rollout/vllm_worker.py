@@ -1,5 +1,5 @@
-"""Code that runs inside vLLM 0.32's worker: in-memory adapter loading, a faster CPU path for one adapter, and the
-compiled CPU RMSNorm.
+"""Code that runs inside vLLM 0.32's worker: in-memory adapter loading, faster CPU LoRA ops (one matmul per adapter),
+and the compiled CPU RMSNorm.
 
 All three reach into vLLM internals (the worker's LoRA manager, the CPU punica ops, vLLM's IR op registry), so they
 are small, checked by the freshness test (tests/test_vllm_engine.py) against the PEFT policy, and fall back to vLLM's
@@ -71,13 +71,14 @@ _ORIGINAL: dict[str, Callable[..., None]] = {}
 
 
 def install_cpu_single_lora_fast_path(enabled: bool = True) -> bool:
-    """Speed up vLLM's CPU LoRA ops when every token of a batch uses the same adapter (always true here).
+    """Speed up vLLM's CPU LoRA ops: one matmul per adapter instead of a per-token gather.
 
     vLLM's CPU ops gather one copy of the adapter matrix per token ([T, r, in] / [T, out, r]) and multiply with a
-    batched einsum; with a single adapter that is a plain matmul, y = x @ W^T. Batches that mix adapters (or have
-    tokens without one, index -1) go to vLLM's original functions, and so does every batch after a call with
+    batched einsum; with a single adapter that is a plain matmul, y = x @ W^T. A batch that mixes a population's
+    adapters runs one matmul per adapter over that adapter's tokens (rows). Batches with tokens without an adapter
+    (index -1) or of unexpected shapes go to vLLM's original functions, and so does every batch after a call with
     `enabled=False`. Returns whether the fast path is on (False also when vLLM's module does not look as
-    expected; then nothing is patched).
+    expected; then nothing is patched). The name is kept from when it handled single-adapter batches only.
     """
     from vllm.lora.punica_wrapper import punica_cpu
 
@@ -95,54 +96,80 @@ def install_cpu_single_lora_fast_path(enabled: bool = True) -> bool:
     return True
 
 
-def _single(indices: Tensor, weights: Tensor) -> Tensor | None:
-    """The one adapter's matrix [out, in] when all tokens use the same adapter slot, else None."""
-    if (
-        not _FAST_PATH["on"]
-        or indices.numel() == 0
-        or int(indices[0]) < 0
-        or not bool((indices == indices[0]).all())
-    ):
+_Groups = list[tuple[Tensor | None, Tensor]]
+"""(token rows, adapter matrix [out, in]) per adapter of a batch; rows None: every token."""
+
+
+def _groups(indices: Tensor, weights: Tensor, x: Tensor, out: Tensor) -> _Groups | None:
+    """The adapter matrices of a batch with the tokens that use each: [(None, W)] when all tokens use the same
+    adapter slot, one (rows, W) per slot when a population's adapters are mixed (one index per row of x and out);
+    None (run vLLM's op) when the fast path is off or a token has no adapter."""
+    if not _FAST_PATH["on"] or indices.numel() == 0 or int(indices[0]) < 0:
         return None
-    w = weights[int(indices[0])]  # [1, out, in] or [out, in]
+    if bool((indices == indices[0]).all()):
+        return [(None, _slot(weights, int(indices[0])))]
+    if int(indices.min()) < 0 or not indices.numel() == x.shape[0] == out.shape[0]:
+        return None
+    return [
+        ((indices == u).nonzero(as_tuple=True)[0], _slot(weights, u)) for u in torch.unique(indices).tolist()
+    ]
+
+
+def _slot(weights: Tensor, index: int) -> Tensor:
+    """The matrix [out, in] of adapter slot `index` ([slots, 1, out, in] or [slots, out, in] stacks)."""
+    w = weights[index]  # [1, out, in] or [out, in]
     return w.squeeze(0) if w.dim() == 3 else w
 
 
+def _write(out: Tensor, rows: Tensor | None, cols: slice, y: Tensor, add: bool) -> None:
+    """out[rows, cols] = y, or += y when `add` (rows None: every row)."""
+    if rows is None:
+        if add:
+            out[:, cols] += y
+        else:
+            out[:, cols] = y
+    elif add:
+        out[rows, cols] += y
+    else:
+        out[rows, cols] = y
+
+
 def _bgmv_shrink(x: Tensor, w_all: Tensor, out: Tensor, idx: Tensor, scaling: float = 1.0) -> None:
-    """vLLM's `bgmv_shrink` (x @ A^T into out, scaled) as one matmul for a single adapter."""
-    w = _single(idx, w_all)
-    if w is None:
+    """vLLM's `bgmv_shrink` (x @ A^T into out, scaled) as one matmul per adapter."""
+    groups = _groups(idx, w_all, x, out)
+    if groups is None:
         return _ORIGINAL["bgmv_shrink"](x, w_all, out, idx, scaling)
-    y = x.to(out.dtype) @ w.to(out.dtype).T  # [T, r]
-    out[:, : y.shape[1]] = scaling * y
+    for rows, w in groups:
+        xs = x if rows is None else x[rows]
+        y = xs.to(out.dtype) @ w.to(out.dtype).T  # [T, r]
+        _write(out, rows, slice(0, y.shape[1]), scaling * y, add=False)
 
 
 def _bgmv_expand(x: Tensor, w_all: Tensor, out: Tensor, idx: Tensor, add_inputs: bool = True) -> None:
-    """vLLM's `bgmv_expand` (x @ B^T into or onto out) as one matmul for a single adapter."""
-    w = _single(idx, w_all)
-    if w is None:
+    """vLLM's `bgmv_expand` (x @ B^T into or onto out) as one matmul per adapter."""
+    groups = _groups(idx, w_all, x, out)
+    if groups is None:
         return _ORIGINAL["bgmv_expand"](x, w_all, out, idx, add_inputs)
-    y = x.to(out.dtype) @ w.to(out.dtype).T  # [T, out]
-    limit = 1 if y.shape[0] == 1 and out.shape[0] != 1 else out.shape[0]  # as vLLM's bgmv_expand
-    width = min(y.shape[1], out.shape[1])
-    if add_inputs:
-        out[:, :width] += y[:limit, :width]
-    else:
-        out[:, :width] = y[:limit, :width]
+    for rows, w in groups:
+        xs = x if rows is None else x[rows]
+        y = xs.to(out.dtype) @ w.to(out.dtype).T  # [T, out]
+        # as vLLM's bgmv_expand: one input row onto every output row (single adapter only: mixed has one per row)
+        limit = 1 if rows is None and y.shape[0] == 1 and out.shape[0] != 1 else out.shape[0]
+        width = min(y.shape[1], out.shape[1])
+        _write(out, rows, slice(0, width), y[:limit, :width], add_inputs)
 
 
 def _bgmv_expand_slice(
     x: Tensor, w_all: Tensor, out: Tensor, idx: Tensor, offset: int, size: int, add_inputs: bool = True
 ) -> None:
-    """vLLM's `bgmv_expand_slice` (x @ B^T into or onto columns offset:offset+size) as one matmul."""
-    w = _single(idx, w_all)
-    if w is None:
+    """vLLM's `bgmv_expand_slice` (x @ B^T into or onto columns offset:offset+size) as one matmul per adapter."""
+    groups = _groups(idx, w_all, x, out)
+    if groups is None:
         return _ORIGINAL["bgmv_expand_slice"](x, w_all, out, idx, offset, size, add_inputs)
-    y = x.to(out.dtype) @ w.to(out.dtype).T  # [T, size]
-    if add_inputs:
-        out[:, offset : offset + size] += y
-    else:
-        out[:, offset : offset + size] = y
+    for rows, w in groups:
+        xs = x if rows is None else x[rows]
+        y = xs.to(out.dtype) @ w.to(out.dtype).T  # [T, size]
+        _write(out, rows, slice(offset, offset + size), y, add_inputs)
 
 
 def _prefill(decode: Callable[..., None], add_at: int | None) -> Callable[..., None]:
