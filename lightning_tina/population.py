@@ -81,8 +81,11 @@ class Member:
     name: str
     """PEFT adapter name (SOLO for a run without a population)."""
     lora: LoRASettings
+    """model.lora with this member's overrides."""
     optim: OptimSettings
+    """model.optim with this member's overrides."""
     seed: int | None
+    """Its initialization seed (None: the run's seeded stream, in member order)."""
     tag: str | None
     """Suffix of its TensorBoard tags and checkpoint folder; None for a solo run (tags and folders unchanged)."""
 
