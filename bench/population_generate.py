@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
 
-    from lightning_tina.population import activate
+    from lightning_tina.population import activate, adapter_major
     from lightning_tina.rollout.base import SamplingConfig
     from lightning_tina.rollout.hf import HFEngine
 
@@ -77,14 +77,14 @@ def main(argv: list[str] | None = None) -> None:
     engine = HFEngine(policy, tok, max_batch_prompts=args.prompts * args.adapters)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.7)
     everyone = prompts * len(names)
-    labels = [n for n in names for _ in prompts]
+    labels = adapter_major(names, len(prompts))
 
     def routed():
         return engine.generate(everyone, args.generations, sampling, adapters=labels)
 
     def peft():
         ids, mask, width = _left_padded(everyone, tok.pad_token_id)
-        rows = [a for a in labels for _ in range(args.generations)]
+        rows = adapter_major(names, len(prompts) * args.generations)  # generate's expanded rows
         with torch.no_grad():
             out = policy.generate(
                 input_ids=ids.repeat_interleave(args.generations, 0),

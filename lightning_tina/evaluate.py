@@ -20,6 +20,7 @@ from typing import Any
 
 from lightning_tina.benchmarks import REGISTRY, Benchmark, render, render_text
 from lightning_tina.passk import mean_pass_at_k, pass_at_1, reported_ks
+from lightning_tina.population import adapter_major
 from lightning_tina.rollout.base import Adapters, RolloutEngine, Sampler, SamplingConfig, with_adapters
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def _sample_records(
     if adapters is None:
         gens = engine.generate(prompts, k, seeded)
     else:
-        names = [a for a in adapters for _ in prompts]
+        names = adapter_major(adapters, len(prompts))
         gens = engine.generate(prompts * len(adapters), k, seeded, names)
     per = len(prompts) * k
     groups = [None] if adapters is None else list(adapters)

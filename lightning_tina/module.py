@@ -44,6 +44,7 @@ from lightning_tina.population import (
     AdapterSettings,
     Member,
     activate,
+    adapter_major,
     adapter_parameters,
     build_adapters,
     comparison_layout,
@@ -170,8 +171,9 @@ class GRPOModule(L.LightningModule):
             "rewards": [asdict(r) for r in self.reward_specs],
             "dtype": dtype,
         }
-        if members_hparams(self.members) is not None:
-            hparams["population"] = members_hparams(self.members)
+        population_hparams = members_hparams(self.members)
+        if population_hparams is not None:
+            hparams["population"] = population_hparams
         self.save_hyperparameters(hparams)
 
     @property
@@ -374,7 +376,7 @@ class GRPOModule(L.LightningModule):
         t_rollout = time.perf_counter() - t0 - t_reward
         for k, (member, out) in enumerate(zip(self.members, scored, strict=True)):
             advantages, stats = self._update(k, out.rollouts, out.scores)
-            self._log_step(member, out.rollouts, out.scores, advantages, stats)
+            self._log_step(k, out.rollouts, out.scores, advantages, stats)
             self._log_options(member, out.rollouts, dynamic)
         train_s = time.perf_counter() - t0 - t_rollout - t_reward
         self._log_perf(StepTimes(t_rollout, t_reward, train_s))
@@ -418,8 +420,8 @@ class GRPOModule(L.LightningModule):
         def scored(prompts: PromptBatch, order: bool) -> list[Scored]:
             names, k = self.adapter_names, len(self.members)
             if names:
+                names = adapter_major(names, len(prompts.prompt_ids))
                 prompts = PromptBatch(prompts.prompt_ids * k, prompts.rows * k, prompts.position)
-                names = [name for name in names for _ in range(len(prompts.prompt_ids) // k)]
             r = _to_device(with_adapters(source.rollouts, prompts, self, adapters=names or None), self.device)
             n = r.input_ids.shape[0] // k
             blocks = [row_block(r, i * n, (i + 1) * n) for i in range(k)] if k > 1 else [r]
@@ -651,13 +653,14 @@ class GRPOModule(L.LightningModule):
 
     def _log_step(
         self,
-        member: Member,
+        k: int,
         rollouts: Rollouts,
         scores: RewardOutput,
         advantages: torch.Tensor,
         stats: GRPOStats,
     ) -> None:
-        """A member's step statistics under its own tags (`train/reward/<name>`; unchanged in a solo run)."""
+        """Member k's step statistics under its own tags (`train/reward/<name>`; unchanged in a solo run)."""
+        member = self.members[k]
         lengths = rollouts.completion_mask.sum(-1).float()  # [N]
         metrics: dict[str, Any] = {
             "train/reward": scores.total.mean(),
@@ -674,7 +677,7 @@ class GRPOModule(L.LightningModule):
             "train/truncation_rate": rollouts.truncated.float().mean(),
             "train/grad_norm": stats.grad_norm,
             "train/nonfinite_skipped": float(self.nonfinite[member.name]),
-            "train/lr": self._scheduler(self.members.index(member)).get_last_lr()[0],
+            "train/lr": self._scheduler(k).get_last_lr()[0],
         }
         maxima = {"train/completion_length_max": lengths.max()}
         if stats.logprob_diff_mean is not None:
@@ -830,7 +833,7 @@ class GRPOModule(L.LightningModule):
         prompts = (
             list(batch.prompt_ids) * m
         )  # a population: every adapter's prompts in one call, adapter-major
-        names = [a for a in self.adapter_names for _ in batch.prompt_ids] or None
+        names = adapter_major(self.adapter_names, len(batch.prompt_ids)) or None
         sampling = self.eval_settings.sampling()
         correct = sample_and_grade(
             self.sampler(), self.tokenizer, prompts, golds, mode, k, sampling, adapters=names

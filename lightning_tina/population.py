@@ -201,6 +201,12 @@ def activate(policy: nn.Module, name: str) -> None:
             p.requires_grad_(True)
 
 
+def adapter_major(names: Sequence[str], per_adapter: int) -> list[str]:
+    """The adapter of each item of a batch laid out adapter-major (`per_adapter` items of names[0], then of
+    names[1], ...): the `adapters` argument of a population's rollout, generate and evaluation calls."""
+    return [name for name in names for _ in range(per_adapter)]
+
+
 def adapter_runs(adapters: Sequence[str]) -> list[tuple[str, int, int]]:
     """Consecutive runs of equal names: [(name, start, end)] over the indices of `adapters`."""
     runs: list[tuple[str, int, int]] = []

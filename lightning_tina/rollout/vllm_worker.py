@@ -8,7 +8,7 @@ own code otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -121,17 +121,20 @@ def _slot(weights: Tensor, index: int) -> Tensor:
     return w.squeeze(0) if w.dim() == 3 else w
 
 
+def _products(groups: _Groups, x: Tensor, dtype: torch.dtype) -> Iterator[tuple[Tensor | None, Tensor]]:
+    """(rows, x[rows] @ W^T in `dtype`) for each adapter of `_groups` (rows None: every row of x)."""
+    for rows, w in groups:
+        xs = x if rows is None else x[rows]
+        yield rows, xs.to(dtype) @ w.to(dtype).T  # [T', out]
+
+
 def _write(out: Tensor, rows: Tensor | None, cols: slice, y: Tensor, add: bool) -> None:
     """out[rows, cols] = y, or += y when `add` (rows None: every row)."""
-    if rows is None:
-        if add:
-            out[:, cols] += y
-        else:
-            out[:, cols] = y
-    elif add:
-        out[rows, cols] += y
+    where = (slice(None) if rows is None else rows, cols)
+    if add:
+        out[where] += y
     else:
-        out[rows, cols] = y
+        out[where] = y
 
 
 def _bgmv_shrink(x: Tensor, w_all: Tensor, out: Tensor, idx: Tensor, scaling: float = 1.0) -> None:
@@ -139,9 +142,7 @@ def _bgmv_shrink(x: Tensor, w_all: Tensor, out: Tensor, idx: Tensor, scaling: fl
     groups = _groups(idx, w_all, x, out)
     if groups is None:
         return _ORIGINAL["bgmv_shrink"](x, w_all, out, idx, scaling)
-    for rows, w in groups:
-        xs = x if rows is None else x[rows]
-        y = xs.to(out.dtype) @ w.to(out.dtype).T  # [T, r]
+    for rows, y in _products(groups, x, out.dtype):  # y: [T', r]
         _write(out, rows, slice(0, y.shape[1]), scaling * y, add=False)
 
 
@@ -150,9 +151,7 @@ def _bgmv_expand(x: Tensor, w_all: Tensor, out: Tensor, idx: Tensor, add_inputs:
     groups = _groups(idx, w_all, x, out)
     if groups is None:
         return _ORIGINAL["bgmv_expand"](x, w_all, out, idx, add_inputs)
-    for rows, w in groups:
-        xs = x if rows is None else x[rows]
-        y = xs.to(out.dtype) @ w.to(out.dtype).T  # [T, out]
+    for rows, y in _products(groups, x, out.dtype):  # y: [T', out]
         # as vLLM's bgmv_expand: one input row onto every output row (single adapter only: mixed has one per row)
         limit = 1 if rows is None and y.shape[0] == 1 and out.shape[0] != 1 else out.shape[0]
         width = min(y.shape[1], out.shape[1])
@@ -166,9 +165,7 @@ def _bgmv_expand_slice(
     groups = _groups(idx, w_all, x, out)
     if groups is None:
         return _ORIGINAL["bgmv_expand_slice"](x, w_all, out, idx, offset, size, add_inputs)
-    for rows, w in groups:
-        xs = x if rows is None else x[rows]
-        y = xs.to(out.dtype) @ w.to(out.dtype).T  # [T, size]
+    for rows, y in _products(groups, x, out.dtype):  # y: [T', size]
         _write(out, rows, slice(offset, offset + size), y, add_inputs)
 
 
